@@ -1,0 +1,343 @@
+"""The pipeline's one typed configuration.
+
+Built, in this order, from the defaults below, the ConfigMap-style JSON file
+(``training_config.json``), environment variables, and the DAG run's params. Every layer is
+validated by the same pydantic models, so a bad value fails with its path named
+(``data_collection.engagement_threshold``) wherever it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+CONFIG_FILE_ENV = "FINE_TUNING_CONFIG_FILE"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names it."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored typos.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(_Section):
+    n_epochs: Auto | int = Field("auto", description="'auto' or 1-50")
+    batch_size: Auto | int = Field("auto", description="'auto' or 1-256")
+    learning_rate_multiplier: Auto | float = "auto"
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs_range(cls, value: Auto | int) -> Auto | int:
+        if value != "auto" and not 1 <= value <= 50:
+            raise ValueError(f"n_epochs must be 'auto' or 1-50, got {value!r}")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_range(cls, value: Auto | int) -> Auto | int:
+        if value != "auto" and not 1 <= value <= 256:
+            raise ValueError(f"batch_size must be 'auto' or 1-256, got {value!r}")
+        return value
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lr_positive(cls, value: Auto | float) -> Auto | float:
+        if value != "auto" and not value > 0:
+            raise ValueError(f"learning_rate_multiplier must be 'auto' or > 0, got {value!r}")
+        return value
+
+
+class DataCollectionConfig(_Section):
+    engagement_threshold: float = Field(0.06, ge=0.0, le=1.0)
+    days_back: int = Field(7, ge=1, le=366)
+    chunk_size: int = Field(1000, ge=1, le=100_000)
+    max_records: int = Field(10_000, ge=1, le=10_000_000)
+    # Fewer valid examples than this skips the rest of the run.
+    training_data_threshold: int = Field(100, ge=10)
+    hook_prompt: str = Field("Create engaging content", min_length=1)
+    body_prompt: str = Field("{hook}\n\nWrite a detailed post:", min_length=1)
+
+
+class TrainingConfig(_Section):
+    provider: Literal["openai"] = "openai"
+    base_model: str = Field("gpt-3.5-turbo-0125", min_length=1)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    suffix: str = Field("weekly", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
+    seed: int | None = None
+    # The design's ConfigMap says 1800 s; a real OpenAI job often queues longer than that, so
+    # this is the wait's deadline and is set per deployment.
+    timeout_seconds: int = Field(86_400, ge=60)
+    poll_interval_seconds: float = Field(60.0, gt=0)
+    max_training_cost_usd: float = Field(50.0, ge=0)
+    # USD per 1M training tokens (OpenAI's published fine-tuning prices).
+    price_per_million_training_tokens: dict[str, float] = Field(
+        default_factory=lambda: {
+            "gpt-3.5-turbo-0125": 8.0,
+            "gpt-4o-mini-2024-07-18": 3.0,
+            "gpt-4o-2024-08-06": 25.0,
+            "gpt-4.1-nano-2025-04-14": 1.5,
+            "gpt-4.1-mini-2025-04-14": 5.0,
+            "gpt-4.1-2025-04-14": 25.0,
+        }
+    )
+    # Training context per base model; longer examples are rejected at collection.
+    max_example_tokens: dict[str, int] = Field(
+        default_factory=lambda: {
+            "gpt-3.5-turbo-0125": 16_385,
+            "gpt-4o-mini-2024-07-18": 65_536,
+            "gpt-4o-2024-08-06": 65_536,
+            "gpt-4.1-nano-2025-04-14": 65_536,
+            "gpt-4.1-mini-2025-04-14": 65_536,
+            "gpt-4.1-2025-04-14": 65_536,
+        }
+    )
+
+    def price_per_million(self) -> float:
+        try:
+            return self.price_per_million_training_tokens[self.base_model]
+        except KeyError:
+            raise ConfigError(
+                f"training.base_model {self.base_model!r} has no price in "
+                "training.price_per_million_training_tokens; add one so the cost guard can work"
+            ) from None
+
+    def context_limit(self) -> int:
+        return self.max_example_tokens.get(self.base_model, 16_385)
+
+
+class SuccessCriteria(_Section):
+    min_engagement_lift: float = Field(0.15, gt=0)
+    min_cost_efficiency_gain: float = Field(0.10, ge=0)
+
+
+class EvaluationConfig(_Section):
+    traffic_split: float = Field(0.1, gt=0.0, lt=1.0)
+    duration_hours: int = Field(168, ge=1)
+    significance_threshold: float = Field(0.05, gt=0.0, lt=1.0)
+    success_criteria: SuccessCriteria = Field(default_factory=SuccessCriteria)
+
+
+class RolloutConfig(_Section):
+    initial_traffic: float = Field(0.1, gt=0.0, le=1.0)
+    increment_interval_hours: int = Field(24, ge=1)
+    increment_percentage: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class DeploymentConfig(_Section):
+    strategy: Literal["gradual_rollout"] = "gradual_rollout"
+    rollout_config: RolloutConfig = Field(default_factory=RolloutConfig)
+
+
+class MLflowConfig(_Section):
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment_name: str = "fine_tuning_pipeline"
+    registered_model_name: str = "content-agent"
+    candidate_alias: str = "challenger"
+
+
+class ServicesConfig(_Section):
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/test")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_timeout_seconds: float = Field(30.0, gt=0)
+    openai_max_retries: int = Field(3, ge=0, le=10)
+
+
+class PipelineConfig(_Section):
+    fine_tuning_enabled: bool = True
+    weekly_schedule: str = "0 2 * * 0"
+    # The content agent's current models (the A/B baselines).
+    hook_model: str = "gpt-4o"
+    body_model: str = "gpt-3.5-turbo-0125"
+    data_dir: str = "/tmp/fine_tuning"
+    data_collection: DataCollectionConfig = Field(default_factory=DataCollectionConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+
+    def loggable(self) -> dict[str, Any]:
+        """The config without secrets, flattened to dotted keys (for MLflow params and logs)."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, item)
+            else:
+                flat[prefix] = value
+
+        data = self.model_dump(mode="json", exclude={"services"})
+        data["services"] = {
+            "database_url": redact_url(self.services.database_url.get_secret_value()),
+            "redis_url": redact_url(self.services.redis_url.get_secret_value()),
+            "openai_base_url": self.services.openai_base_url,
+        }
+        walk("", data)
+        return flat
+
+
+# Flat names accepted from environment variables and DAG run params, and where they go.
+FLAT_KEYS: dict[str, tuple[str, ...]] = {
+    "training_data_threshold": ("data_collection", "training_data_threshold"),
+    "min_examples": ("data_collection", "training_data_threshold"),
+    "engagement_threshold": ("data_collection", "engagement_threshold"),
+    "days_back": ("data_collection", "days_back"),
+    "chunk_size": ("data_collection", "chunk_size"),
+    "max_records": ("data_collection", "max_records"),
+    "base_model": ("training", "base_model"),
+    "n_epochs": ("training", "hyperparameters", "n_epochs"),
+    "batch_size": ("training", "hyperparameters", "batch_size"),
+    "learning_rate_multiplier": ("training", "hyperparameters", "learning_rate_multiplier"),
+    "suffix": ("training", "suffix"),
+    "max_training_cost_usd": ("training", "max_training_cost_usd"),
+    "timeout_seconds": ("training", "timeout_seconds"),
+    "poll_interval_seconds": ("training", "poll_interval_seconds"),
+    "traffic_split": ("evaluation", "traffic_split"),
+    "a_b_test_duration_hours": ("evaluation", "duration_hours"),
+    "weekly_schedule": ("weekly_schedule",),
+    "hook_model": ("hook_model",),
+    "body_model": ("body_model",),
+    "data_dir": ("data_dir",),
+}
+
+ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "FINE_TUNING_ENABLED": ("fine_tuning_enabled",),
+    "FINE_TUNING_MIN_EXAMPLES": ("data_collection", "training_data_threshold"),
+    "FINE_TUNING_ENGAGEMENT_THRESHOLD": ("data_collection", "engagement_threshold"),
+    "FINE_TUNING_SCHEDULE": ("weekly_schedule",),
+    "FINE_TUNING_BASE_MODEL": ("training", "base_model"),
+    "FINE_TUNING_MAX_TRAINING_COST_USD": ("training", "max_training_cost_usd"),
+    "FINE_TUNING_DATA_DIR": ("data_dir",),
+    "FINE_TUNING_POLL_INTERVAL_SECONDS": ("training", "poll_interval_seconds"),
+    "HOOK_MODEL": ("hook_model",),
+    "BODY_MODEL": ("body_model",),
+    "DATABASE_URL": ("services", "database_url"),
+    "REDIS_URL": ("services", "redis_url"),
+    "OPENAI_API_KEY": ("services", "openai_api_key"),
+    "OPENAI_BASE_URL": ("services", "openai_base_url"),
+    "MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"),
+    "MLFLOW_EXPERIMENT_NAME": ("mlflow", "experiment_name"),
+}
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host/db`` -> ``scheme://user:***@host/db``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{'.'.join(path)}: {key!r} is not a section")
+    target[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _unflatten(overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Accept flat names (``engagement_threshold``), dotted paths and nested sections."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue  # an unset param means "keep the layer below"
+        if key in FLAT_KEYS:
+            _set_path(nested, FLAT_KEYS[key], value)
+        elif "." in key:
+            _set_path(nested, tuple(key.split(".")), value)
+        elif key in PipelineConfig.model_fields:
+            nested = _deep_merge(nested, {key: value})
+        else:
+            raise ConfigError(f"unknown configuration key {key!r} in {source}")
+    return nested
+
+
+def _coerce_env(path: tuple[str, ...], raw: str) -> Any:
+    # Numbers and booleans arrive as strings; pydantic coerces them, but "auto" stays a string.
+    if path[-1] in {"n_epochs", "batch_size"} and raw.isdigit():
+        return int(raw)
+    return raw
+
+
+def _validate(data: Mapping[str, Any], source: str) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            if "input" in err and not isinstance(err.get("input"), dict)
+            else f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration from {source}: {problems}") from None
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> PipelineConfig:
+    """Build the config: defaults < JSON file < environment < DAG run params.
+
+    :param config_file: the ConfigMap's ``training_config.json``; defaults to
+        ``$FINE_TUNING_CONFIG_FILE`` when set.
+    :param env: environment to read (defaults to ``os.environ``).
+    :param params: the DAG run's params / conf (flat names or nested sections).
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    sources = ["defaults"]
+
+    path = config_file or env.get(CONFIG_FILE_ENV)
+    if path:
+        try:
+            file_data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        data = _deep_merge(data, _unflatten(file_data, f"config file {path}"))
+        sources.append(str(path))
+    _validate(data, " + ".join(sources))
+
+    env_layer: dict[str, Any] = {}
+    for name, target in ENV_KEYS.items():
+        if env.get(name):
+            _set_path(env_layer, target, _coerce_env(target, env[name]))
+    data = _deep_merge(data, env_layer)
+    sources.append("environment")
+    _validate(data, " + ".join(sources))
+
+    if params:
+        data = _deep_merge(data, _unflatten(params, "DAG run params"))
+        sources.append("DAG run params")
+    return _validate(data, " + ".join(sources))

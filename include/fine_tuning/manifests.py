@@ -1,0 +1,110 @@
+"""Small JSON manifests that steps hand to each other: ids, counts, checksums, paths.
+
+Never the data itself: the dataset goes to a file, and a manifest says where it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+M = TypeVar("M", bound="Manifest")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls: type[M], text: str | bytes | dict) -> M:
+        if isinstance(text, dict):
+            return cls.model_validate(text)
+        return cls.model_validate_json(text)
+
+
+class RunContext(Manifest):
+    """Who is running: the deterministic part of every idempotency key."""
+
+    dag_id: str
+    run_id: str
+    window_end: datetime
+
+
+class CollectManifest(Manifest):
+    status: Literal["ready", "insufficient"]
+    dag_id: str
+    run_id: str
+    window_start: datetime
+    window_end: datetime
+    dataset_path: str | None
+    sha256: str | None
+    bytes: int
+    posts_scanned: int
+    examples_written: int
+    rejected: dict[str, int]
+    duplicates: int
+    tokens: int
+    min_examples: int
+    seconds: float
+    reason: str | None = None
+
+
+class UploadManifest(Manifest):
+    provider: str
+    idempotency_key: str
+    dataset_sha256: str
+    file_id: str
+    reused_file: bool
+    base_model: str
+    estimated_tokens: int
+    estimated_epochs: int
+    estimated_cost_usd: float
+
+
+class TrainingManifest(UploadManifest):
+    job_id: str
+    suffix: str
+    reused_job: bool
+
+
+class JobResult(Manifest):
+    provider: str
+    job_id: str
+    status: Literal["succeeded", "failed", "cancelled"]
+    fine_tuned_model: str | None
+    trained_tokens: int | None
+    error: str | None = None
+    created_at: int | None = None
+    finished_at: int | None = None
+
+
+class RegistrationManifest(Manifest):
+    mlflow_run_id: str
+    experiment_id: str
+    model_name: str
+    model_version: str
+    alias: str
+    fine_tuned_model: str
+
+
+def idempotency_key(dag_id: str, run_id: str, dataset_sha256: str) -> str:
+    """A key that a retried or cleared task derives again (XCom does not survive a retry)."""
+    digest = hashlib.sha256(f"{dag_id}\0{run_id}\0{dataset_sha256}".encode()).hexdigest()
+    return f"ftp-{digest[:32]}"
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write atomically: a reader never sees half a manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(json.loads(manifest.to_json()), indent=2))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,234 @@
+"""Training with OpenAI's fine-tuning API: upload, start, look up, cancel — idempotently.
+
+Creation calls are never retried blindly. The openai client retries a lost reply (a 502 after
+the server made the file, a timeout) by sending the request again, which makes a second file or
+job. So creation runs with the client's retries off, and every attempt first looks for what an
+earlier attempt (or an earlier try of the task) may have made, by a deterministic key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fine_tuning.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+    from openai.types import FileObject
+    from openai.types.fine_tuning import FineTuningJob
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+# Jobs in these states still count as "the job this run made": a retry must reuse them.
+LIVE_OR_DONE_STATES = frozenset({"validating_files", "queued", "running", "paused", "succeeded"})
+
+
+class TrainingRefusedError(RuntimeError):
+    """The provider will not train (closed fine-tuning, no quota): retrying cannot help."""
+
+
+class FineTuningJobFailed(RuntimeError):
+    """The fine-tuning job ended failed or cancelled; the message carries the provider's error."""
+
+
+def make_client(config: PipelineConfig, *, max_retries: int | None = None) -> OpenAI:
+    """An official client for the configured endpoint (the emulator differs only by base URL)."""
+    from openai import OpenAI
+
+    api_key = config.services.openai_api_key
+    if api_key is None:
+        raise TrainingRefusedError(
+            "no OpenAI API key: set OPENAI_API_KEY or the Airflow connection 'openai_default'"
+        )
+    return OpenAI(
+        api_key=api_key.get_secret_value(),
+        base_url=config.services.openai_base_url,
+        timeout=config.services.openai_timeout_seconds,
+        max_retries=config.services.openai_max_retries if max_retries is None else max_retries,
+    )
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    import openai
+
+    if isinstance(exc, openai.RateLimitError):
+        return _error_code(exc) != "insufficient_quota"
+    return isinstance(exc, openai.APIConnectionError | openai.InternalServerError) or (
+        isinstance(exc, openai.APIStatusError) and exc.status_code in (408, 409)
+    )
+
+
+def _error_code(exc: BaseException) -> str | None:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return inner.get("code")
+    return getattr(exc, "code", None)
+
+
+def _wait_seconds(retry_state: Any) -> float:
+    """Honour the server's Retry-After (bounded); otherwise exponential backoff with jitter."""
+    from tenacity import wait_random_exponential
+
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    response = getattr(exc, "response", None)
+    if response is not None:
+        header = response.headers.get("retry-after")
+        try:
+            if header is not None:
+                return min(max(float(header), 0.0), 60.0)
+        except ValueError:
+            pass
+    return wait_random_exponential(multiplier=0.5, max=8.0)(retry_state)
+
+
+def create_once(
+    config: PipelineConfig, find: Callable[[], T | None], create: Callable[[], T], what: str
+) -> tuple[T, bool]:
+    """Look for ``what``; create it only when absent; on a retryable error, look again first.
+
+    :returns: the object and whether it was found (reused) rather than made.
+    """
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
+
+    for attempt in Retrying(
+        retry=retry_if_exception(_is_retryable),
+        stop=stop_after_attempt(config.services.openai_max_retries + 1) | stop_after_delay(300),
+        wait=_wait_seconds,
+        reraise=True,
+        before_sleep=lambda rs: log.warning(
+            "%s: attempt %d failed (%s); will look again before retrying",
+            what,
+            rs.attempt_number,
+            rs.outcome.exception() if rs.outcome else None,
+        ),
+    ):
+        with attempt:
+            existing = find()
+            if existing is not None:
+                return existing, True
+            return create(), False
+    raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+
+def find_file(client: OpenAI, filename: str, size: int) -> FileObject | None:
+    """An uploaded fine-tune file with this name and size, if an earlier try made it."""
+    for file in client.files.list(purpose="fine-tune"):
+        if file.filename == filename and file.bytes == size and file.status != "error":
+            return file
+    return None
+
+
+def upload_file(config: PipelineConfig, dataset_path: Path, idempotency_key: str) -> tuple[str, bool]:
+    """Upload the dataset once per key: ``(file_id, reused)``."""
+    client = make_client(config)
+    no_retry = client.with_options(max_retries=0)
+    filename = f"{idempotency_key}.jsonl"
+    size = dataset_path.stat().st_size
+
+    def create() -> FileObject:
+        with dataset_path.open("rb") as handle:
+            return no_retry.files.create(file=(filename, handle), purpose="fine-tune")
+
+    file, reused = create_once(config, lambda: find_file(client, filename, size), create, "upload")
+    log.info("training file %s (%s, %d bytes, reused=%s)", file.id, filename, size, reused)
+    return file.id, reused
+
+
+def find_job(client: OpenAI, idempotency_key: str) -> FineTuningJob | None:
+    """A job this run made earlier that is alive or succeeded (failed/cancelled ones are not reused)."""
+    for job in client.fine_tuning.jobs.list(metadata={"idempotency_key": idempotency_key}):
+        if job.status in LIVE_OR_DONE_STATES:
+            return job
+    return None
+
+
+def job_metadata(idempotency_key: str, dag_id: str, run_id: str, dataset_sha256: str) -> dict[str, str]:
+    # OpenAI metadata values are limited to 512 characters.
+    return {
+        "idempotency_key": idempotency_key,
+        "dag_id": dag_id[:512],
+        "run_id": run_id[:512],
+        "dataset_sha256": dataset_sha256,
+    }
+
+
+def start_job(
+    config: PipelineConfig, file_id: str, metadata: dict[str, str]
+) -> tuple[FineTuningJob, bool]:
+    """Start the fine-tuning job once per key: ``(job, reused)``."""
+    import openai
+
+    client = make_client(config)
+    no_retry = client.with_options(max_retries=0)
+    training = config.training
+    hyperparameters = {
+        name: value for name, value in training.hyperparameters.model_dump().items() if value is not None
+    }
+
+    def create() -> FineTuningJob:
+        try:
+            return no_retry.fine_tuning.jobs.create(
+                model=training.base_model,
+                training_file=file_id,
+                suffix=training.suffix,
+                seed=training.seed if training.seed is not None else openai.omit,
+                method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+                metadata=metadata,
+            )
+        except (openai.PermissionDeniedError, openai.BadRequestError, openai.RateLimitError) as exc:
+            if isinstance(exc, openai.RateLimitError) and _error_code(exc) != "insufficient_quota":
+                raise
+            raise _refusal(exc, training.base_model) from exc
+
+    job, reused = create_once(
+        config, lambda: find_job(client, metadata["idempotency_key"]), create, "fine-tuning job"
+    )
+    log.info("fine-tuning job %s (%s, reused=%s)", job.id, job.status, reused)
+    return job, reused
+
+
+def _refusal(exc: Exception, base_model: str) -> Exception:
+    """Say plainly when OpenAI will not train at all, instead of failing as a generic 400."""
+    code = _error_code(exc) or ""
+    message = getattr(exc, "message", str(exc))
+    if code == "insufficient_quota":
+        return TrainingRefusedError(
+            f"OpenAI refused to start a fine-tuning job of {base_model}: insufficient_quota "
+            f"({message}). Add credit to the organisation, or switch training.provider."
+        )
+    lowered = message.lower()
+    if "fine-tun" in lowered and any(w in lowered for w in ("no longer", "not available", "unavailable")):
+        return TrainingRefusedError(
+            f"OpenAI refused to start a fine-tuning job of {base_model}: {message}. OpenAI closes "
+            "new fine-tuning jobs (for everyone from 2027-01-06); switch training.provider to "
+            "another provider."
+        )
+    return exc
+
+
+def retrieve_job(config: PipelineConfig, job_id: str) -> FineTuningJob:
+    return make_client(config).fine_tuning.jobs.retrieve(job_id)
+
+
+def cancel_job(config: PipelineConfig, job_id: str) -> str:
+    """Cancel unless already finished; returns the job's status afterwards."""
+    client = make_client(config)
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    if job.status in TERMINAL_STATES:
+        return job.status
+    return client.fine_tuning.jobs.cancel(job_id).status
+
+
+def job_error_message(job: FineTuningJob) -> str:
+    error = job.error
+    if error is None:
+        return f"fine-tuning job {job.id} ended {job.status}"
+    return f"fine-tuning job {job.id} {job.status}: {error.message} (code={error.code}, param={error.param})"

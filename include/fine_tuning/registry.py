@@ -1,0 +1,210 @@
+"""MLflow tracking and registry for the candidate: one run per pipeline run, one model version.
+
+Both are found again on a retry (by tags derived from dag_id and run_id), never made twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fine_tuning.config import PipelineConfig
+from fine_tuning.manifests import (
+    CollectManifest,
+    JobResult,
+    RegistrationManifest,
+    TrainingManifest,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+log = logging.getLogger(__name__)
+
+PIPELINE_RUN_TAG = "pipeline.run_key"
+MODEL_ARTIFACT_PATH = "fine_tuned_model"
+
+
+def make_client(config: PipelineConfig) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=config.mlflow.tracking_uri, registry_uri=config.mlflow.tracking_uri)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another worker created it in between
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def pipeline_run_key(dag_id: str, run_id: str) -> str:
+    return f"{dag_id}/{run_id}"
+
+
+def get_or_create_run(config: PipelineConfig, dag_id: str, run_id: str) -> Run:
+    """The MLflow run of this pipeline run, made on first use and found on every retry."""
+    client = make_client(config)
+    experiment_id = _experiment_id(client, config.mlflow.experiment_name)
+    key = pipeline_run_key(dag_id, run_id)
+    escaped = key.replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{escaped}'", max_results=1
+    )
+    if found:
+        return found[0]
+    return client.create_run(
+        experiment_id,
+        run_name=f"{dag_id}__{run_id}"[:250],
+        tags={PIPELINE_RUN_TAG: key, "dag_id": dag_id, "airflow_run_id": run_id},
+    )
+
+
+def _log_batch(client: MlflowClient, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    existing = client.get_run(run_id).data.params
+    # Params are immutable in MLflow: re-logging the same key on a retry is fine only when equal.
+    new_params = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    now = int(time.time() * 1000)
+    metric_list = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for start in range(0, max(len(new_params), len(metric_list)), 100):
+        client.log_batch(
+            run_id, params=new_params[start : start + 100], metrics=metric_list[start : start + 100]
+        )
+
+
+def log_cost_estimate(config: PipelineConfig, dag_id: str, run_id: str, **estimate: float) -> str:
+    """Log the cost guard's estimate (also when the guard refuses): returns the MLflow run id."""
+    client = make_client(config)
+    run = get_or_create_run(config, dag_id, run_id)
+    _log_batch(client, run.info.run_id, {}, {f"estimated_{k}": v for k, v in estimate.items()})
+    return run.info.run_id
+
+
+def register_candidate(
+    config: PipelineConfig,
+    collect: CollectManifest,
+    training: TrainingManifest,
+    result: JobResult,
+) -> RegistrationManifest:
+    """Log the pipeline run and register the fine-tuned model as a version with the candidate alias."""
+    if result.status != "succeeded" or not result.fine_tuned_model:
+        raise ValueError(
+            f"cannot register job {result.job_id}: status {result.status!r}, "
+            f"fine_tuned_model {result.fine_tuned_model!r}"
+        )
+    client = make_client(config)
+    run = get_or_create_run(config, collect.dag_id, collect.run_id)
+    mlflow_run_id = run.info.run_id
+
+    metrics: dict[str, float] = {
+        "posts_scanned": collect.posts_scanned,
+        "examples_written": collect.examples_written,
+        "examples_rejected": sum(collect.rejected.values()),
+        "duplicates": collect.duplicates,
+        "dataset_tokens": collect.tokens,
+        "dataset_bytes": collect.bytes,
+        "collect_seconds": collect.seconds,
+        "estimated_tokens": training.estimated_tokens,
+        "estimated_epochs": training.estimated_epochs,
+        "estimated_cost_usd": training.estimated_cost_usd,
+    }
+    metrics.update({f"rejected_{reason}": count for reason, count in collect.rejected.items()})
+    if result.trained_tokens is not None:
+        metrics["trained_tokens"] = result.trained_tokens
+    if result.created_at and result.finished_at:
+        metrics["training_seconds"] = result.finished_at - result.created_at
+    params = dict(config.loggable())
+    params.update(
+        {
+            "provider": training.provider,
+            "training_file_id": training.file_id,
+            "fine_tuning_job_id": training.job_id,
+            "dataset_sha256": training.dataset_sha256,
+            "window_start": collect.window_start.isoformat(),
+            "window_end": collect.window_end.isoformat(),
+        }
+    )
+    _log_batch(client, mlflow_run_id, params, metrics)
+    client.set_tag(mlflow_run_id, "fine_tuned_model", result.fine_tuned_model)
+    client.log_dict(mlflow_run_id, collect.model_dump(mode="json"), "manifests/collect.json")
+    client.log_dict(mlflow_run_id, training.model_dump(mode="json"), "manifests/training.json")
+    client.log_dict(mlflow_run_id, result.model_dump(mode="json"), "manifests/job.json")
+    # The model itself lives at the provider; the artifact says how to reach it.
+    client.log_dict(
+        mlflow_run_id,
+        {
+            "provider": training.provider,
+            "fine_tuned_model": result.fine_tuned_model,
+            "base_model": training.base_model,
+            "job_id": result.job_id,
+        },
+        f"{MODEL_ARTIFACT_PATH}/model.json",
+    )
+
+    version = _get_or_create_version(config, client, mlflow_run_id, training, result)
+    client.set_registered_model_alias(
+        config.mlflow.registered_model_name, config.mlflow.candidate_alias, version
+    )
+    client.set_terminated(mlflow_run_id, "FINISHED")
+    log.info(
+        "registered %s version %s (alias %s) for %s, MLflow run %s",
+        config.mlflow.registered_model_name,
+        version,
+        config.mlflow.candidate_alias,
+        result.fine_tuned_model,
+        mlflow_run_id,
+    )
+    return RegistrationManifest(
+        mlflow_run_id=mlflow_run_id,
+        experiment_id=run.info.experiment_id,
+        model_name=config.mlflow.registered_model_name,
+        model_version=version,
+        alias=config.mlflow.candidate_alias,
+        fine_tuned_model=result.fine_tuned_model,
+    )
+
+
+def _get_or_create_version(
+    config: PipelineConfig,
+    client: MlflowClient,
+    mlflow_run_id: str,
+    training: TrainingManifest,
+    result: JobResult,
+) -> str:
+    from mlflow.exceptions import MlflowException
+
+    name = config.mlflow.registered_model_name
+    try:
+        client.create_registered_model(name, description="Fine-tuned content models (auto fine-tuning pipeline)")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{mlflow_run_id}'"):
+        return existing.version
+    created = client.create_model_version(
+        name,
+        source=f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT_PATH}",
+        run_id=mlflow_run_id,
+        tags={
+            "fine_tuned_model": result.fine_tuned_model or "",
+            "fine_tuning_job_id": result.job_id,
+            "dataset_sha256": training.dataset_sha256,
+            "base_model": training.base_model,
+            "provider": training.provider,
+        },
+        description=f"{result.fine_tuned_model} from job {result.job_id}",
+    )
+    return created.version

@@ -1,0 +1,105 @@
+"""The kubernetes mode: each step is a pod running the project's image and CLI.
+
+Settings come from the environment of the component that parses the DAG (set by the Helm
+values), never from a Variable or a database at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# The CLI's "skipped" exit code: too little data marks the task skipped, not failed.
+EXIT_SKIPPED = 99
+DATA_MOUNT = "/data/fine_tuning"
+CONFIG_MOUNT = "/etc/fine-tuning"
+
+
+def pod_settings() -> dict[str, str]:
+    env = os.environ
+    return {
+        "image": env.get("FINE_TUNING_IMAGE", "ghcr.io/example/fine-tuning-pipeline:0.1.0"),
+        "namespace": env.get("FINE_TUNING_NAMESPACE", "fine-tuning"),
+        "service_account": env.get("FINE_TUNING_SERVICE_ACCOUNT", "fine-tuning-steps"),
+        "secret": env.get("FINE_TUNING_SECRET", "fine-tuning-secrets"),
+        "config_map": env.get("FINE_TUNING_CONFIGMAP", "fine-tuning-config"),
+        "data_pvc": env.get("FINE_TUNING_DATA_PVC", "fine-tuning-data"),
+    }
+
+
+# Secret keys exposed to the step as environment variables: (env var, key in the secret).
+SECRET_ENV = (
+    ("OPENAI_API_KEY", "openai-api-key"),
+    ("DATABASE_URL", "database-url"),
+    ("REDIS_URL", "redis-url"),
+)
+
+
+def step_arguments(step: str) -> list[str]:
+    """The CLI's arguments, templated with the run's ids, window and upstream manifests."""
+    from fine_tuning.steps import STEP_INPUTS
+
+    arguments = [
+        step,
+        "--dag-id",
+        "{{ dag_run.dag_id }}",
+        "--run-id",
+        "{{ dag_run.run_id }}",
+        "--window-end",
+        "{{ (data_interval_end or logical_date or dag_run.run_after).isoformat() }}",
+        "--params",
+        "{{ params.dump() | tojson }}",
+        "--xcom-file",
+        "/airflow/xcom/return.json",
+    ]
+    for upstream in STEP_INPUTS[step]:
+        arguments += ["--input", f"{upstream}={{{{ ti.xcom_pull(task_ids='{upstream}') | tojson }}}}"]
+    return arguments
+
+
+def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
+    """A KubernetesPodOperator for ``python -m fine_tuning STEP``."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.cncf.kubernetes.secret import Secret
+    from kubernetes.client import models as k8s
+
+    settings = pod_settings()
+    return KubernetesPodOperator(
+        task_id=step,
+        name=f"fine-tuning-{step}",
+        namespace=settings["namespace"],
+        image=settings["image"],
+        cmds=["python", "-m", "fine_tuning"],
+        arguments=step_arguments(step),
+        env_vars={
+            "FINE_TUNING_DATA_DIR": DATA_MOUNT,
+            "FINE_TUNING_CONFIG_FILE": f"{CONFIG_MOUNT}/training_config.json",
+            "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow.monitoring:5000"),
+            "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+        },
+        secrets=[Secret("env", env_name, settings["secret"], key) for env_name, key in SECRET_ENV],
+        container_resources=k8s.V1ResourceRequirements(
+            requests={"memory": "512Mi", "cpu": "500m"},
+            limits={"memory": "2Gi", "cpu": "2"},
+        ),
+        volumes=[
+            k8s.V1Volume(
+                name="data",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings["data_pvc"]),
+            ),
+            k8s.V1Volume(name="config", config_map=k8s.V1ConfigMapVolumeSource(name=settings["config_map"])),
+        ],
+        volume_mounts=[
+            k8s.V1VolumeMount(name="data", mount_path=DATA_MOUNT),
+            k8s.V1VolumeMount(name="config", mount_path=CONFIG_MOUNT, read_only=True),
+        ],
+        service_account_name=settings["service_account"],
+        security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=50000, fs_group=0),
+        labels={"app.kubernetes.io/name": "fine-tuning-pipeline", "fine-tuning/step": step},
+        do_xcom_push=True,
+        skip_on_exit_code=EXIT_SKIPPED,
+        get_logs=True,
+        on_finish_action="delete_succeeded_pod",
+        in_cluster=True,
+        **kwargs,
+    )
