@@ -34,3 +34,30 @@ def pg_url() -> Iterator[str]:
     yield f"{PG_BASE_URL}{sep}options={quote(f'-csearch_path={schema}')}"
     with psycopg.connect(PG_BASE_URL, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[object]:
+    """The OpenAI emulator on a loopback port, for the whole session (reset by ``openai_env``)."""
+    from openai_emulator.launch import EmulatorProcess
+
+    with EmulatorProcess(stage_seconds=0.2) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite backend, proxied artifacts) for the session."""
+    from fine_tuning.devstack import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def openai_env(emulator: object, monkeypatch: pytest.MonkeyPatch) -> object:
+    """Point the product at a freshly reset emulator through the environment, as a user would."""
+    emulator.reset()  # type: ignore[attr-defined]
+    monkeypatch.setenv("OPENAI_BASE_URL", emulator.base_url)  # type: ignore[attr-defined]
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
+    return emulator

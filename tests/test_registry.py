@@ -1,0 +1,86 @@
+"""MLflow: one run per pipeline run and one model version with the challenger alias, on a real server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from mlflow import MlflowClient
+
+from fine_tuning.config import load_config
+from fine_tuning.manifests import CollectManifest, JobResult, TrainingManifest
+from fine_tuning.registry import register_candidate
+
+END = datetime(2026, 11, 22, 2, tzinfo=UTC)
+
+
+def manifests(run_id: str) -> tuple[CollectManifest, TrainingManifest, JobResult]:
+    collect = CollectManifest(
+        status="ready", dag_id="weekly_fine_tuning", run_id=run_id, window_start=END - timedelta(days=7),
+        window_end=END, dataset_path="/tmp/x/dataset.jsonl", sha256="ab" * 32, bytes=1234, posts_scanned=900,
+        examples_written=1700, rejected={"empty_hook": 3, "too_long": 1}, duplicates=40, tokens=250_000,
+        min_examples=100, seconds=1.5,
+    )
+    training = TrainingManifest(
+        provider="openai", idempotency_key="ftp-k", dataset_sha256="ab" * 32, file_id="file-1", reused_file=False,
+        base_model="gpt-3.5-turbo-0125", estimated_tokens=250_000, estimated_epochs=3, estimated_cost_usd=6.0,
+        job_id=f"ftjob-{run_id}", suffix="weekly", reused_job=False,
+    )
+    result = JobResult(
+        provider="openai", job_id=training.job_id, status="succeeded",
+        fine_tuned_model=f"ft:gpt-3.5-turbo-0125:org:weekly:{run_id}", trained_tokens=750_000,
+        created_at=1_795_000_000, finished_at=1_795_003_600,
+    )
+    return collect, training, result
+
+
+@pytest.fixture
+def mlflow_config(mlflow_uri: str, request: pytest.FixtureRequest):
+    return load_config(
+        env={"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": f"exp_{request.node.name}"},
+        params={"mlflow": {"registered_model_name": f"model_{request.node.name}"}},
+    )
+
+
+def test_register_twice_gives_one_run_and_one_version(mlflow_config, mlflow_uri: str) -> None:
+    collect, training, result = manifests("scheduled__2026-11-22")
+    first = register_candidate(mlflow_config, collect, training, result)
+    again = register_candidate(mlflow_config, collect, training, result)
+    assert (again.mlflow_run_id, again.model_version) == (first.mlflow_run_id, first.model_version)
+
+    client = MlflowClient(mlflow_uri, mlflow_uri)
+    runs = client.search_runs([first.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["data_collection.engagement_threshold"] == "0.06"
+    assert run.data.params["fine_tuning_job_id"] == training.job_id
+    assert run.data.metrics["examples_written"] == 1700
+    assert run.data.metrics["rejected_empty_hook"] == 3
+    assert run.data.metrics["trained_tokens"] == 750_000
+    assert run.data.metrics["training_seconds"] == 3600
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "manifests")}
+    assert "manifests/collect.json" in artifacts
+
+    versions = client.search_model_versions(f"name = '{first.model_name}'")
+    assert len(versions) == 1
+    version = client.get_model_version_by_alias(first.model_name, "challenger")
+    assert version.version == first.model_version
+    assert version.tags["fine_tuning_job_id"] == training.job_id
+    assert version.tags["dataset_sha256"] == training.dataset_sha256
+    assert version.tags["fine_tuned_model"] == result.fine_tuned_model
+
+
+def test_next_week_gets_a_new_version_and_moves_the_alias(mlflow_config, mlflow_uri: str) -> None:
+    first = register_candidate(mlflow_config, *manifests("scheduled__2026-11-15"))
+    second = register_candidate(mlflow_config, *manifests("scheduled__2026-11-22"))
+    assert int(second.model_version) == int(first.model_version) + 1
+    client = MlflowClient(mlflow_uri, mlflow_uri)
+    assert client.get_model_version_by_alias(first.model_name, "challenger").version == second.model_version
+
+
+def test_a_failed_job_is_not_registered(mlflow_config) -> None:
+    collect, training, result = manifests("scheduled__2026-11-08")
+    failed = result.model_copy(update={"status": "failed", "fine_tuned_model": None})
+    with pytest.raises(ValueError, match="status 'failed'"):
+        register_candidate(mlflow_config, collect, training, failed)

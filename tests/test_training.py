@@ -1,0 +1,160 @@
+"""Upload and job creation against the OpenAI emulator: idempotent under retries, faults and refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from fine_tuning import steps
+from fine_tuning.config import PipelineConfig, load_config
+from fine_tuning.manifests import CollectManifest, RunContext
+from fine_tuning.openai_training import TrainingRefusedError
+
+WINDOW_END = datetime(2026, 11, 22, 2, tzinfo=UTC)
+
+
+def write_dataset(directory: Path, n: int = 20) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "dataset.jsonl"
+    with path.open("w") as handle:
+        for i in range(n):
+            messages = [
+                {"role": "system", "content": "You write social posts as persona p1."},
+                {"role": "user", "content": "Create engaging content"},
+                {"role": "assistant", "content": f"Hook number {i}: the thing nobody tells you"},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture
+def config(openai_env: object, mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PipelineConfig:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("FINE_TUNING_DATA_DIR", str(tmp_path / "data"))
+    return load_config(params={"poll_interval_seconds": 0.1, "timeout_seconds": 60})
+
+
+@pytest.fixture
+def ctx(request: pytest.FixtureRequest) -> RunContext:
+    return RunContext(dag_id="weekly_fine_tuning", run_id=f"test__{request.node.name}", window_end=WINDOW_END)
+
+
+@pytest.fixture
+def collected(config: PipelineConfig, ctx: RunContext) -> CollectManifest:
+    path = write_dataset(steps.run_dir(config, ctx))
+    data = path.read_bytes()
+    return CollectManifest(
+        status="ready",
+        dag_id=ctx.dag_id,
+        run_id=ctx.run_id,
+        window_start=WINDOW_END - timedelta(days=7),
+        window_end=WINDOW_END,
+        dataset_path=str(path),
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        posts_scanned=10,
+        examples_written=20,
+        rejected={},
+        duplicates=0,
+        tokens=600,
+        min_examples=10,
+        seconds=0.1,
+    )
+
+
+def test_upload_and_train_twice_make_one_file_and_one_job(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
+) -> None:
+    first = steps.upload(config, ctx, collected)
+    again = steps.upload(config, ctx, collected)
+    assert again.file_id == first.file_id and again.reused_file and not first.reused_file
+    job = steps.train(config, ctx, first)
+    job_again = steps.train(config, ctx, again)
+    assert job_again.job_id == job.job_id and job_again.reused_job
+    state = openai_env.state()
+    assert len(state["files"]) == 1 and len(state["jobs"]) == 1
+    assert state["jobs"][0]["metadata"]["idempotency_key"] == first.idempotency_key
+    result = steps.wait(config, ctx, job)
+    assert result.status == "succeeded" and result.fine_tuned_model.startswith("ft:gpt-3.5-turbo-0125")
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/fine_tuning/jobs"])
+def test_a_lost_reply_is_not_a_second_create(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env, path: str
+) -> None:
+    """The server makes the file/job and answers 502: the retry finds it instead of making another."""
+    openai_env.inject_fault(method="POST", path=path, status=502, count=1, after_effect=True)
+    uploaded = steps.upload(config, ctx, collected)
+    steps.train(config, ctx, uploaded)
+    state = openai_env.state()
+    assert len(state["files"]) == 1 and len(state["jobs"]) == 1
+
+
+def test_rate_limit_with_retry_after_is_retried(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
+) -> None:
+    uploaded = steps.upload(config, ctx, collected)
+    openai_env.inject_fault(
+        method="POST", path="/v1/fine_tuning/jobs", status=429, count=2, retry_after=0.2,
+        error_code="rate_limit_exceeded",
+    )
+    steps.train(config, ctx, uploaded)
+    assert len(openai_env.state()["jobs"]) == 1
+
+
+def test_insufficient_quota_fails_at_once_with_a_plain_message(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
+) -> None:
+    uploaded = steps.upload(config, ctx, collected)
+    openai_env.inject_fault(
+        method="POST", path="/v1/fine_tuning/jobs", status=429, count=5, error_code="insufficient_quota"
+    )
+    with pytest.raises(TrainingRefusedError, match="insufficient_quota"):
+        steps.train(config, ctx, uploaded)
+    assert openai_env.state()["jobs"] == []
+
+
+def test_closed_fine_tuning_says_so(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
+) -> None:
+    uploaded = steps.upload(config, ctx, collected)
+    openai_env.refuse_jobs(True)
+    try:
+        with pytest.raises(TrainingRefusedError, match="training.provider"):
+            steps.train(config, ctx, uploaded)
+    finally:
+        openai_env.refuse_jobs(False)
+
+
+def test_cost_guard_refuses_before_uploading_and_logs_the_estimate(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env, mlflow_uri: str
+) -> None:
+    config.training.max_training_cost_usd = 0.001
+    with pytest.raises(steps.CostLimitExceeded, match=r"estimated training cost \$0\.0\d+"):
+        steps.upload(config, ctx, collected)
+    assert openai_env.state()["files"] == []
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(config.mlflow.experiment_name)
+    runs = client.search_runs([experiment.experiment_id], f"tags.dag_id = '{ctx.dag_id}'")
+    mine = [r for r in runs if r.data.tags.get("airflow_run_id") == ctx.run_id]
+    assert len(mine) == 1
+    # 600 tokens x 5 epochs (the auto rule for 20 examples) x $8/1M
+    assert mine[0].data.metrics["estimated_cost_usd"] == pytest.approx(600 * 5 * 8 / 1e6)
+
+
+def test_failed_job_fails_wait_with_openais_message(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
+) -> None:
+    uploaded = steps.upload(config, ctx, collected)
+    job = steps.train(config, ctx, uploaded)
+    openai_env.fail_job(job.job_id, code="server_error", message="The job failed due to an internal error")
+    with pytest.raises(Exception, match="internal error"):
+        steps.wait(config, ctx, job)
+    # A cleared train task makes a new job: a failed one is not reused.
+    retried = steps.train(config, ctx, uploaded)
+    assert retried.job_id != job.job_id and not retried.reused_job

@@ -1,0 +1,108 @@
+"""The deferrable wait: operator defers to the trigger; the trigger ends on every terminal state."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+from airflow.sdk.exceptions import AirflowException, TaskDeferred
+from openai import OpenAI
+
+from fine_tuning_airflow.operators import WaitForFineTuningJobOperator
+from fine_tuning_airflow.triggers import FineTuningJobTrigger
+
+
+@pytest.fixture
+def connection(openai_env, monkeypatch: pytest.MonkeyPatch) -> OpenAI:
+    """The Airflow connection the operator and trigger read, and a client to set up jobs with."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_OPENAI_DEFAULT",
+        json.dumps({"conn_type": "generic", "host": openai_env.base_url, "password": "sk-conn-key"}),
+    )
+    monkeypatch.delenv("OPENAI_API_KEY")  # the connection alone must be enough
+    return OpenAI(base_url=openai_env.base_url, api_key="sk-conn-key")
+
+
+def start_job(client: OpenAI, examples: int = 12) -> str:
+    lines = "".join(
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+        + "\n"
+        for i in range(examples)
+    )
+    file = client.files.create(file=("d.jsonl", io.BytesIO(lines.encode())), purpose="fine-tune")
+    return client.fine_tuning.jobs.create(model="gpt-3.5-turbo-0125", training_file=file.id).id
+
+
+def context() -> dict:
+    dag_run = SimpleNamespace(
+        dag_id="weekly_fine_tuning", run_id="manual__wait", run_after=datetime(2026, 11, 22, tzinfo=UTC)
+    )
+    return {"params": {"poll_interval_seconds": 0.1}, "dag_run": dag_run, "data_interval_end": None}
+
+
+def test_trigger_serializes_ids_not_secrets() -> None:
+    trigger = FineTuningJobTrigger(job_id="ftjob-1", openai_conn_id="openai_prod", poll_interval=5)
+    classpath, kwargs = trigger.serialize()
+    module, name = classpath.rsplit(".", 1)
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert "sk-" not in json.dumps(kwargs)
+
+
+async def test_trigger_yields_success_with_the_model(connection: OpenAI) -> None:
+    job_id = start_job(connection)
+    event = await FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__()
+    assert event.payload["status"] == "success"
+    assert event.payload["job"]["fine_tuned_model"].startswith("ft:")
+
+
+async def test_trigger_yields_error_for_an_invalid_file(connection: OpenAI) -> None:
+    job_id = start_job(connection, examples=5)  # OpenAI needs at least 10 examples
+    event = await FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__()
+    assert event.payload["status"] == "error"
+    assert event.payload["job_status"] == "failed"
+    assert "10" in event.payload["message"]
+
+
+async def test_trigger_yields_error_when_cancelled(connection: OpenAI) -> None:
+    job_id = start_job(connection)
+    connection.fine_tuning.jobs.cancel(job_id)
+    event = await FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__()
+    assert (event.payload["status"], event.payload["job_status"]) == ("error", "cancelled")
+
+
+async def test_trigger_yields_error_for_an_unknown_job(connection: OpenAI) -> None:
+    event = await FineTuningJobTrigger(job_id="ftjob-missing", poll_interval=0.1).run().__anext__()
+    assert event.payload["status"] == "error" and "not found" in event.payload["message"]
+
+
+def test_operator_defers_then_completes(connection: OpenAI) -> None:
+    job_id = start_job(connection)
+    operator = WaitForFineTuningJobOperator(task_id="wait", job_id=job_id)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(context())
+    assert isinstance(deferred.value.trigger, FineTuningJobTrigger)
+    assert deferred.value.method_name == "execute_complete"
+    job = connection.fine_tuning.jobs.retrieve(job_id)
+    while job.status != "succeeded":
+        job = connection.fine_tuning.jobs.retrieve(job_id)
+    result = operator.execute_complete(context(), {"status": "success", "job": job.model_dump(mode="json")})
+    assert result["fine_tuned_model"] == job.fine_tuned_model and result["status"] == "succeeded"
+
+
+def test_operator_fails_with_openais_message() -> None:
+    operator = WaitForFineTuningJobOperator(task_id="wait", job_id="ftjob-x")
+    with pytest.raises(AirflowException, match="training file has too few examples"):
+        operator.execute_complete(
+            context(), {"status": "error", "message": "fine-tuning job ftjob-x failed: training file has too few examples"}
+        )
+
+
+def test_on_kill_cancels_the_job(connection: OpenAI) -> None:
+    job_id = start_job(connection)
+    WaitForFineTuningJobOperator(task_id="wait", job_id=job_id).on_kill()
+    assert connection.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
