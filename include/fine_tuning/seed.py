@@ -200,8 +200,9 @@ def _persona(index: int) -> Persona:
     )
 
 
-def _sentence_pool(persona: Persona, rng: random.Random, size: int) -> list[str]:
-    """Pre-rendered sentences (10-17 words each): a body is then just a few random picks.
+def _sentence_pool(persona: Persona, rng: random.Random, size: int) -> list[tuple[str, int]]:
+    """Pre-rendered sentences (12-20 words each) with their word counts: a body is then just a
+    few random picks.
 
     Rendering templates per row would dominate seeding time at a million rows; a pool of a few
     hundred sentences per persona still gives billions of distinct bodies.
@@ -213,7 +214,7 @@ def _sentence_pool(persona: Persona, rng: random.Random, size: int) -> list[str]
         )
         if rng.random() < 0.5:
             sentence = f"{sentence[:-1]}, {rng.choice(_FILLERS)}."
-        pool.append(sentence)
+        pool.append((sentence, len(sentence.split())))
     return pool
 
 
@@ -253,7 +254,13 @@ def _rows(
         p = i % personas
         voice, pool = voices[p], pools[p]
         hook = _hook(voice, rng)
-        body = " ".join(rng.choices(pool, k=rng.randint(4, 9)))
+        # Sentences until a target length: 40-150 words (a sentence has at most 20 words).
+        target, words, parts = rng.randint(40, 130), 0, []
+        while words < target:
+            sentence, length = rng.choice(pool)
+            parts.append(sentence)
+            words += length
+        body = " ".join(parts)
         mean = voice.mean_engagement
         # Beta with concentration 30: sd ~0.04 around the persona's mean, always in [0, 1].
         engagement: float | None = rng.betavariate(mean * 30, (1 - mean) * 30)
@@ -272,7 +279,8 @@ def _rows(
             bad_index += 1
             next_bad += bad_every
             # Bad rows land in the window with a high engagement so that collection meets them
-            # (and must reject them) instead of the SQL filter hiding them.
+            # and must reject them (NULL and negative rates below are still left out by its SQL
+            # filter, as they would be in production).
             ts = end - timedelta(seconds=window * rng.random())
             engagement = rng.uniform(0.1, 0.3)
 
@@ -300,8 +308,16 @@ def _rows(
         elif kind == "huge_body":
             body = "lorem " * HUGE_BODY_WORDS
 
-        row = (
-            voice.name, hook, body, engagement, ts, tokens_used, model_id, response_time_ms, quality_score,
+        row: tuple[Any, ...] = (
+            voice.name,
+            hook,
+            body,
+            engagement,
+            ts,
+            tokens_used,
+            model_id,
+            response_time_ms,
+            quality_score,
             cost_usd,
         )
         if kind is None and not older and engagement is not None and engagement >= 0.06:

@@ -92,14 +92,16 @@ def get_encoding(name: str) -> tiktoken.Encoding:
             f"unknown encoding {name!r}; known: {sorted(openai_public.ENCODING_CONSTRUCTORS)}"
         ) from None
     # The constructors call the module-level load_tiktoken_bpe; swapping it for the duration of
-    # one call is the only hook tiktoken offers. The lock keeps two loads from interleaving
-    # their patches; another thread's tiktoken.get_encoding meanwhile would get the same,
-    # verified data.
+    # one call is the only hook tiktoken offers (seeding its download cache instead would mean
+    # writing files and setting TIKTOKEN_CACHE_DIR process-wide). The lock keeps two loads from
+    # interleaving their patches; a concurrent direct tiktoken.get_encoding of a packaged
+    # encoding would get the same verified data, of any other one a TokenizerDataError.
     with _load_lock, mock.patch.object(openai_public, "load_tiktoken_bpe", _load_packaged_ranks):
         spec: dict[str, Any] = constructor()
     return tiktoken.Encoding(**spec)
 
 
+@functools.lru_cache(maxsize=256)
 def encoding_name_for_model(model: str) -> str:
     """The encoding of an OpenAI model id; a fine-tuned ``ft:BASE:org::id`` maps by its BASE.
 
@@ -108,7 +110,7 @@ def encoding_name_for_model(model: str) -> str:
     """
     # tiktoken matches fine-tuned ids by prefix, and "ft:gpt-4" also matches "ft:gpt-4.1-...":
     # mapping the base model instead gets those right.
-    base = model.split(":", 2)[1] if model.startswith("ft:") and model.count(":") >= 1 else model
+    base = model.split(":", 2)[1] if model.startswith("ft:") else model
     try:
         return tiktoken.model.encoding_name_for_model(base)
     except KeyError:
@@ -136,10 +138,19 @@ def count_chat_tokens(messages: Iterable[Mapping[str, str]], model: str) -> int:
                 raise TypeError(
                     f"message {index} key {key!r} must be a string to be counted, got {type(value).__name__}"
                 )
-            total += len(encoding.encode_ordinary(value))
+            if key == "role":
+                # Half of all values counted are one of four roles: remember them.
+                total += _count_cached(encoding.name, value)
+            else:
+                total += len(encoding.encode_ordinary(value))
             if key == "name":
                 total += TOKENS_PER_NAME
     return total
+
+
+@functools.lru_cache(maxsize=64)
+def _count_cached(encoding_name: str, text: str) -> int:
+    return len(get_encoding(encoding_name).encode_ordinary(text))
 
 
 def estimate_epochs(n_examples: int, n_epochs: Literal["auto"] | int) -> int:
