@@ -22,7 +22,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-EXIT_SKIPPED = 99
 EXIT_BAD_INPUT = 2
 
 
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from fine_tuning.manifests import RunContext
-    from fine_tuning.steps import InsufficientDataError, run_step
+    from fine_tuning.steps import EXIT_SKIPPED, InsufficientDataError, run_step
 
     ctx = RunContext(dag_id=args.dag_id, run_id=args.run_id, window_end=args.window_end)
     try:

@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         env = airflow_env(stack, database_url, workdir / "airflow", data_dir)
         code = run_airflow_dag_test(env)
         print(summary(latest_run_dir(data_dir), stack.mlflow_uri))
+    print(
+        f"the services are stopped; to browse the MLflow run again: {sys.executable} -m mlflow ui "
+        f"--backend-store-uri sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    )
     print(f"demo wall time: {time.monotonic() - started:.1f} s; airflow dags test exit code {code}")
     return code
 

@@ -28,6 +28,8 @@ from fine_tuning.manifests import (
 log = logging.getLogger(__name__)
 
 PROVIDER = "openai"
+# The CLI's exit code for "skipped" (too little data): the pod's task is marked skipped, not failed.
+EXIT_SKIPPED = 99
 
 
 class InsufficientDataError(RuntimeError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# The CLI's "skipped" exit code: too little data marks the task skipped, not failed.
-EXIT_SKIPPED = 99
+from fine_tuning.steps import EXIT_SKIPPED
+
 DATA_MOUNT = "/data/fine_tuning"
 CONFIG_MOUNT = "/etc/fine-tuning"
 
