@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(latest_run_dir(data_dir), stack.mlflow_uri))
     print(
         f"the services are stopped; to browse the MLflow run again: {sys.executable} -m mlflow ui "
-        f"--backend-store-uri sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+        f"--backend-store-uri sqlite:///{workdir / 'mlflow' / 'mlflow.db'} "
+        f"--artifacts-destination {workdir / 'mlflow' / 'artifacts'}"
     )
     print(f"demo wall time: {time.monotonic() - started:.1f} s; airflow dags test exit code {code}")
     return code
