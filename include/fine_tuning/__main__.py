@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("--params", default="{}", help="DAG run params as a JSON object")
         step.add_argument("--input", action="append", type=_parse_input, default=[])
         step.add_argument("--xcom-file", type=Path, help="also write the manifest here")
+    analyze = sub.add_parser("analyze", help="A/B statistics on per-arm aggregates (JSON in, JSON out)")
+    analyze.add_argument("--method", choices=("fixed", "sequential"), default="sequential")
+    analyze.add_argument("file", nargs="?", type=argparse.FileType("r"), default=sys.stdin)
     sub.add_parser("migrate", help="apply the database migrations")
     seed = sub.add_parser("seed", help="insert synthetic posts (development and demo)")
     seed.add_argument("--posts", type=int, default=5000)
@@ -67,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command == "analyze":  # offline: needs no configuration or services
+        from fine_tuning.analyze_cli import main as analyze_main
+
+        return analyze_main(args.method, args.file)
 
     from fine_tuning.config import ConfigError, load_config
 

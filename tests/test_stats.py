@@ -1,0 +1,215 @@
+"""The A/B statistics against SciPy/statsmodels reference values, and by simulation."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.power import NormalIndPower
+from statsmodels.stats.proportion import samplesize_proportions_2indep_onetail
+
+from fine_tuning import stats
+
+
+def summary(values: np.ndarray) -> stats.ArmSummary:
+    return stats.ArmSummary(len(values), float(values.mean()), float(values.var(ddof=1)))
+
+
+@pytest.fixture(scope="module")
+def arms() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return rng.beta(2, 28, 4000), rng.beta(2.3, 27.7, 450)
+
+
+def test_welch_matches_scipy_on_raw_data(arms) -> None:
+    baseline, candidate = arms
+    t, p = stats.welch(summary(baseline), summary(candidate))
+    reference = sps.ttest_ind(candidate, baseline, equal_var=False)
+    assert t == pytest.approx(reference.statistic, rel=1e-9)
+    assert p == pytest.approx(reference.pvalue, rel=1e-9)
+
+
+def test_sums_from_sql_give_the_same_summary(arms) -> None:
+    baseline, _ = arms
+    from_sums = stats.ArmSummary.from_sums(len(baseline), baseline.sum(), (baseline**2).sum())
+    assert from_sums.mean == pytest.approx(baseline.mean())
+    assert from_sums.variance == pytest.approx(baseline.var(ddof=1), rel=1e-9)
+
+
+def test_delta_method_lift_ci_agrees_with_a_bootstrap(arms) -> None:
+    baseline, candidate = arms
+    lift = stats.relative_lift(summary(baseline), summary(candidate))
+    boot = sps.bootstrap(
+        (candidate, baseline), lambda c, b: c.mean() / b.mean() - 1, n_resamples=2000,
+        method="percentile", random_state=1, vectorized=False,
+    )
+    assert lift.value == pytest.approx(candidate.mean() / baseline.mean() - 1)
+    assert lift.ci_lower == pytest.approx(boot.confidence_interval.low, abs=0.02)
+    assert lift.ci_upper == pytest.approx(boot.confidence_interval.high, abs=0.02)
+
+
+def test_srm_detects_a_broken_split() -> None:
+    assert stats.srm_p_value(4500, 500, 0.1) > 0.5
+    p = stats.srm_p_value(4400, 620, 0.1)
+    assert p == pytest.approx(sps.chisquare([4400, 620], [5020 * 0.9, 5020 * 0.1]).pvalue)
+    assert p < 0.001
+    result = stats.analyze(
+        stats.ArmSummary(4400, 0.068, 0.0009), stats.ArmSummary(620, 0.09, 0.0009), 0.1
+    )
+    assert result.decision == "reject" and not result.srm_ok
+
+
+def test_ratio_metric_delta_method_matches_simulation() -> None:
+    """Cost per token: the delta-method SE is the spread of the ratio change over simulated samples."""
+    rng = np.random.default_rng(3)
+
+    def arm(n: int, price: float) -> tuple[np.ndarray, np.ndarray]:
+        tokens = rng.gamma(5, 60, n)
+        return tokens * price * rng.lognormal(0, 0.2, n), tokens
+
+    def sums(cost: np.ndarray, tok: np.ndarray) -> stats.RatioSums:
+        return stats.RatioSums(len(cost), cost.sum(), tok.sum(), (cost**2).sum(), (tok**2).sum(), (cost * tok).sum())
+
+    changes, ses = [], []
+    for _ in range(400):
+        b, c = arm(2000, 2e-6), arm(300, 1.7e-6)
+        est = stats.ratio_change(sums(*b), sums(*c))
+        changes.append(est.value)
+        ses.append(est.std_error)
+    assert np.mean(changes) == pytest.approx(1.7 / 2 - 1, abs=0.01)
+    assert np.mean(ses) == pytest.approx(np.std(changes), rel=0.15)
+
+
+def simulate_peeking(looks_per_day: int, days: int = 7, sims: int = 1000, seed: int = 11):
+    """A/A tests: per-look increments of per-post means, cumulated; who ever crosses alpha?"""
+    rng = np.random.default_rng(seed)
+    looks = looks_per_day * days
+    per_look_b, per_look_c = 4500 // looks, max(500 // looks, 2)
+    mean, sd = 0.068, 0.05
+    fixed_hits = seq_hits = 0
+    for _ in range(sims):
+        sum_b = rng.normal(mean * per_look_b, sd * math.sqrt(per_look_b), looks).cumsum()
+        sum_c = rng.normal(mean * per_look_c, sd * math.sqrt(per_look_c), looks).cumsum()
+        n_b = per_look_b * np.arange(1, looks + 1)
+        n_c = per_look_c * np.arange(1, looks + 1)
+        running_p, fixed_rejected = 1.0, False
+        for k in range(looks):
+            b = stats.ArmSummary(int(n_b[k]), float(sum_b[k] / n_b[k]), sd**2)
+            c = stats.ArmSummary(int(n_c[k]), float(sum_c[k] / n_c[k]), sd**2)
+            lift = stats.relative_lift(b, c)
+            if k % looks_per_day == looks_per_day - 1:  # the naive analyst looks once a day
+                z = lift.value / lift.std_error
+                fixed_rejected |= 2 * sps.norm.sf(abs(z)) < 0.05
+            running_p = min(running_p, stats.msprt_p_value(lift.value, lift.std_error**2, 0.15**2))
+        fixed_hits += fixed_rejected
+        seq_hits += running_p < 0.05
+    return fixed_hits / sims, seq_hits / sims
+
+
+def test_aa_peeking_daily_keeps_false_positives_at_alpha() -> None:
+    naive, sequential = simulate_peeking(looks_per_day=1)
+    assert naive > 0.10  # the plain z-test peeked daily: about 16% (this is the bug we avoid)
+    assert sequential <= 0.05
+
+
+def test_aa_peeking_hourly_keeps_false_positives_at_alpha() -> None:
+    _, sequential = simulate_peeking(looks_per_day=24, sims=300, seed=5)
+    assert sequential <= 0.05
+
+
+def test_power_at_the_planned_sample() -> None:
+    """With the plan's sample and a true +15% lift, the fixed test finds it ~80% of the time."""
+    mean, sd = 0.068, 0.06
+    plan = stats.power_plan(mean, sd, posts_per_hour=1000, candidate_share=0.5, duration_hours=168, min_lift=0.15)
+    n = plan.required_per_arm["candidate"]
+    rng = np.random.default_rng(2)
+    hits = 0
+    for _ in range(500):
+        b = rng.normal(mean, sd, plan.required_per_arm["baseline"])
+        c = rng.normal(mean * 1.15, sd, n)
+        hits += stats.welch(summary(b), summary(c))[1] < 0.05
+    assert 0.74 <= hits / 500 <= 0.86
+
+
+def test_power_calculation_matches_statsmodels() -> None:
+    p = 0.068
+    sd = math.sqrt(p * (1 - p))
+    plan = stats.power_plan(p, sd, posts_per_hour=5000 / 168, candidate_share=0.1, duration_hours=168, min_lift=0.15)
+    expected = NormalIndPower().solve_power(effect_size=0.15 * p / sd, alpha=0.05, power=0.8, ratio=9)
+    assert plan.required_per_arm["candidate"] == math.ceil(expected)
+    proportions = samplesize_proportions_2indep_onetail(
+        diff=0.15 * p, prop2=p, power=0.8, ratio=1 / 9, alpha=0.05, alternative="two-sided"
+    )
+    assert plan.required_per_arm["baseline"] == pytest.approx(proportions, rel=0.1)
+
+
+def test_underpowered_plan_says_what_would_work() -> None:
+    """6.8% engagement, ~5,000 posts a week, 10% split: only a ~+50% lift is detectable."""
+    p = 0.068
+    plan = stats.power_plan(p, math.sqrt(p * (1 - p)), 5000 / 168, 0.1, 168, 0.15)
+    assert not plan.adequate
+    assert 0.4 < plan.detectable_lift < 0.6
+    assert "UNDERPOWERED" in plan.message and "run" in plan.message
+    enough = stats.power_plan(p, 0.03, 5000 / 168, 0.3, 168, 0.15)
+    assert enough.adequate
+
+
+def test_decisions_with_reasons() -> None:
+    baseline = stats.ArmSummary(4500, 0.068, 0.03**2)
+    winner = stats.analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1)
+    assert winner.decision == "promote"
+    assert {r["criterion"] for r in winner.reasons} >= {"srm", "significance", "engagement_lift"}
+    small = stats.analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1)
+    assert small.decision == "continue"
+    done = stats.analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1, finished=True)
+    assert done.decision == "reject"
+    loser = stats.analyze(baseline, stats.ArmSummary(500, 0.050, 0.03**2), 0.1)
+    assert loser.decision == "reject" and loser.ci_upper < 0
+    slow = stats.guardrail_mean(
+        "response_time_ms", stats.ArmSummary(4500, 1200, 200**2), stats.ArmSummary(500, 1500, 200**2), 0.1, True
+    )
+    guarded = stats.analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1, guardrails=[slow])
+    assert guarded.decision == "reject" and slow.status == "violated"
+
+
+def run_cli(payload: object, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fine_tuning", "analyze", *args],
+        input=json.dumps(payload), capture_output=True, text=True,
+    )
+
+
+def test_offline_cli_fixed_and_sequential() -> None:
+    payload = {
+        "baseline": {"n": 4500, "mean": 0.068, "variance": 0.0009},
+        "candidate": {"n": 500, "mean": 0.082, "variance": 0.0009},
+        "traffic_split": 0.1,
+    }
+    fixed = json.loads(run_cli(payload, "--method", "fixed").stdout)
+    lift = stats.relative_lift(stats.ArmSummary(4500, 0.068, 0.0009), stats.ArmSummary(500, 0.082, 0.0009))
+    assert fixed["relative_lift"] == pytest.approx(0.082 / 0.068 - 1)
+    assert (fixed["ci_lower"], fixed["ci_upper"]) == pytest.approx((lift.ci_lower, lift.ci_upper))
+    sequential = json.loads(run_cli(payload).stdout)
+    assert sequential["ci_lower"] < fixed["ci_lower"]  # always-valid intervals are wider
+    for key in ("p_value", "srm_p_value", "decision", "reasons"):
+        assert key in sequential
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"baseline": {"n": 1, "mean": 0.1, "variance": 0.01}, "candidate": {"n": 9, "mean": 0.1, "variance": 0.01}}, "baseline.n"),
+        ({"baseline": {"n": 9, "mean": 0.1, "variance": -1}, "candidate": {"n": 9, "mean": 0.1, "variance": 0.01}}, "baseline.variance"),
+        ({"baseline": {"n": 9, "mean": 0.1, "variance": 0.01}}, "candidate"),
+        ({"baseline": {"n": 9, "mean": 0, "variance": 0.01}, "candidate": {"n": 9, "mean": 0.1, "variance": 0.01}}, "baseline.mean"),
+    ],
+)
+def test_offline_cli_bad_input(payload: dict, field: str) -> None:
+    result = run_cli(payload)
+    assert result.returncode == 2
+    assert field in result.stderr
