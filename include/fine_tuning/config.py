@@ -122,22 +122,54 @@ class SuccessCriteria(_Section):
     min_cost_efficiency_gain: float = Field(0.10, ge=0)
 
 
+class GuardrailConfig(_Section):
+    # Non-inferiority margins: how much worse the candidate may be and still pass.
+    response_time_relative_margin: float = Field(0.10, ge=0.0)
+    quality_score_relative_margin: float = Field(0.05, ge=0.0)
+    error_rate_absolute_margin: float = Field(0.01, ge=0.0, le=1.0)
+
+
 class EvaluationConfig(_Section):
     traffic_split: float = Field(0.1, gt=0.0, lt=1.0)
-    duration_hours: int = Field(168, ge=1)
+    # Hours; fractions allowed so that a demo's A/B test lasts minutes.
+    duration_hours: float = Field(168, gt=0)
     significance_threshold: float = Field(0.05, gt=0.0, lt=1.0)
     success_criteria: SuccessCriteria = Field(default_factory=SuccessCriteria)
+    guardrails: GuardrailConfig = Field(default_factory=GuardrailConfig)
+    method: Literal["sequential", "fixed"] = "sequential"
+    srm_alpha: float = Field(0.001, gt=0.0, lt=1.0)
+    # Which of the agent's model types the candidate competes for (its baseline is that model).
+    model_type: Literal["hook", "body"] = "body"
+    # Look at the results this often (the sequential test makes frequent looks safe).
+    evaluation_interval_minutes: float = Field(60.0, gt=0)
+    # Refuse to start an A/B test that cannot detect min_engagement_lift (else: a loud warning).
+    strict_power: bool = False
+    power: float = Field(0.8, gt=0.0, lt=1.0)
+    # Hours of baseline history used for the power calculation.
+    power_history_hours: float = Field(168, gt=0)
+    metrics_cache_ttl_seconds: int = Field(300, ge=0)
 
 
 class RolloutConfig(_Section):
     initial_traffic: float = Field(0.1, gt=0.0, le=1.0)
-    increment_interval_hours: int = Field(24, ge=1)
+    # Hours; fractions allowed so that a demo's rollout lasts minutes.
+    increment_interval_hours: float = Field(24, gt=0)
     increment_percentage: float = Field(0.1, gt=0.0, le=1.0)
+    max_traffic: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class RollbackTriggers(_Section):
+    engagement_drop: float = Field(0.15, gt=0.0, le=1.0)
+    error_rate: float = Field(0.05, gt=0.0, le=1.0)
+    p95_response_time_ms: float = Field(2000.0, gt=0.0)
+    # Fewest candidate posts in the watch window before the triggers are judged at all.
+    min_posts: int = Field(30, ge=1)
 
 
 class DeploymentConfig(_Section):
-    strategy: Literal["gradual_rollout"] = "gradual_rollout"
+    strategy: Literal["gradual_rollout", "immediate"] = "gradual_rollout"
     rollout_config: RolloutConfig = Field(default_factory=RolloutConfig)
+    rollback_triggers: RollbackTriggers = Field(default_factory=RollbackTriggers)
 
 
 class MLflowConfig(_Section):
@@ -145,6 +177,71 @@ class MLflowConfig(_Section):
     experiment_name: str = "fine_tuning_pipeline"
     registered_model_name: str = "content-agent"
     candidate_alias: str = "challenger"
+    # MLflow's own HTTP retries default to 7 with a doubling backoff (minutes of waiting while
+    # the server is down). The breaker and the outage buffer handle outages, so keep these short.
+    request_max_retries: int = Field(2, ge=0, le=10)
+    request_timeout_seconds: float = Field(10.0, gt=0)
+    # Tracking calls made while MLflow is down wait here (one JSON file per logical operation)
+    # and are replayed in order; relative paths are under ``data_dir``.
+    outbox_dir: str = "_mlflow_outbox"
+
+
+class BreakerConfig(_Section):
+    """One circuit breaker's thresholds (the shape of resilience4j's, shared through Redis)."""
+
+    # Consecutive failures (in the order Redis sees them, across all workers) that open it.
+    failure_threshold: int = Field(3, ge=1)
+    # How long it stays open before letting probe calls through.
+    recovery_timeout_seconds: float = Field(120.0, gt=0)
+    # Also open when, over the sliding window and with at least ``minimum_calls`` calls, the
+    # share of failures (or of slow calls) reaches its threshold.
+    failure_rate_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    slow_call_rate_threshold: float = Field(1.0, gt=0.0, le=1.0)
+    slow_call_duration_seconds: float = Field(60.0, gt=0)
+    sliding_window_seconds: float = Field(60.0, gt=0)
+    minimum_calls: int = Field(10, ge=1)
+    # Probe calls admitted in HALF_OPEN across the whole cluster; all must succeed to close.
+    half_open_max_calls: int = Field(1, ge=1)
+    # A probe whose process died (SIGKILL) frees its slot after this long.
+    probe_lease_seconds: float = Field(60.0, gt=0)
+
+
+class BreakersConfig(_Section):
+    enabled: bool = True
+    # Redis keys are ``{key_prefix}:{name}``; every key has a TTL.
+    key_prefix: str = Field("fine_tuning:breaker", min_length=1)
+    # Seconds between attempts to reach Redis again after it was found down.
+    redis_retry_seconds: float = Field(15.0, gt=0)
+    openai: BreakerConfig = Field(
+        default_factory=lambda: BreakerConfig(failure_threshold=3, recovery_timeout_seconds=120.0)
+    )
+    mlflow: BreakerConfig = Field(
+        default_factory=lambda: BreakerConfig(failure_threshold=5, recovery_timeout_seconds=60.0)
+    )
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    ttl_seconds: int = Field(300, ge=1)
+    key_prefix: str = Field("fine_tuning:cache", min_length=1)
+
+
+class MonitoringConfig(_Section):
+    """Where the pipeline's StatsD metrics go, and what the health check requires."""
+
+    statsd_enabled: bool = True
+    # The official chart's statsd_exporter listens on ``<release>-statsd:9125``; locally, UDP to
+    # a port nobody listens on is harmless.
+    statsd_host: str = Field("127.0.0.1", min_length=1)
+    statsd_port: int = Field(8125, ge=1, le=65535)
+    statsd_prefix: str = Field("fine_tuning", pattern=r"^[A-Za-z0-9_]*$")
+    # Per-dependency timeout of the health check (a probe must answer in seconds).
+    health_timeout_seconds: float = Field(3.0, gt=0, le=60)
+    # Dependencies whose failure makes the check unhealthy (503); the others only degrade it:
+    # breakers fall back to per-process state without Redis, OpenAI is guarded by its breaker.
+    required_components: list[Literal["database", "redis", "mlflow", "openai"]] = Field(
+        default_factory=lambda: ["database", "mlflow"]
+    )
 
 
 class ServicesConfig(_Section):
@@ -168,6 +265,9 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    breakers: BreakersConfig = Field(default_factory=BreakersConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
 
     def loggable(self) -> dict[str, Any]:
@@ -209,6 +309,9 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "poll_interval_seconds": ("training", "poll_interval_seconds"),
     "traffic_split": ("evaluation", "traffic_split"),
     "a_b_test_duration_hours": ("evaluation", "duration_hours"),
+    "strict_power": ("evaluation", "strict_power"),
+    "evaluation_method": ("evaluation", "method"),
+    "deployment_strategy": ("deployment", "strategy"),
     "weekly_schedule": ("weekly_schedule",),
     "hook_model": ("hook_model",),
     "body_model": ("body_model",),
@@ -232,6 +335,12 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "OPENAI_BASE_URL": ("services", "openai_base_url"),
     "MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"),
     "MLFLOW_EXPERIMENT_NAME": ("mlflow", "experiment_name"),
+    "STATSD_HOST": ("monitoring", "statsd_host"),
+    "STATSD_PORT": ("monitoring", "statsd_port"),
+    "STATSD_PREFIX": ("monitoring", "statsd_prefix"),
+    "FINE_TUNING_BREAKERS_ENABLED": ("breakers", "enabled"),
+    "FINE_TUNING_BREAKER_KEY_PREFIX": ("breakers", "key_prefix"),
+    "FINE_TUNING_CACHE_TTL_SECONDS": ("cache", "ttl_seconds"),
 }
 
 

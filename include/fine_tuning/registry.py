@@ -208,3 +208,36 @@ def _get_or_create_version(
         description=f"{result.fine_tuned_model} from job {result.job_id}",
     )
     return created.version
+
+
+CHAMPION_ALIAS = "champion"
+
+
+def promote_champion(config: PipelineConfig, version: str) -> None:
+    """A completed rollout: this version becomes ``champion`` (and stops being the challenger)."""
+    from mlflow.exceptions import MlflowException
+
+    client = make_client(config)
+    name = config.mlflow.registered_model_name
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    client.set_model_version_tag(name, version, "deployment_status", "champion")
+    try:
+        if client.get_model_version_by_alias(name, config.mlflow.candidate_alias).version == version:
+            client.delete_registered_model_alias(name, config.mlflow.candidate_alias)
+    except MlflowException:
+        pass  # no challenger alias: nothing to move
+
+
+def demote_candidate(config: PipelineConfig, version: str, reason: str) -> None:
+    """A rollback: the candidate loses ``challenger``; ``champion`` stays where it was."""
+    from mlflow.exceptions import MlflowException
+
+    client = make_client(config)
+    name = config.mlflow.registered_model_name
+    client.set_model_version_tag(name, version, "deployment_status", "rolled_back")
+    client.set_model_version_tag(name, version, "rollback_reason", reason[:5000])
+    try:
+        if client.get_model_version_by_alias(name, config.mlflow.candidate_alias).version == version:
+            client.delete_registered_model_alias(name, config.mlflow.candidate_alias)
+    except MlflowException:
+        pass
