@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test serve bench soak lint clean
+.PHONY: venv promtool demo test serve bench soak lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
-venv: $(STAMP)
+venv: $(STAMP) promtool
+
+## promtool (Debian's prometheus package) for the alert-rule tests; installed once, quietly.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
+	  || echo "promtool: could not install Debian's prometheus package; the promtool tests will be skipped"; }
 
 ## the main job: the weekly DAG end to end on local services
 demo: venv
@@ -22,6 +28,11 @@ demo: venv
 ## the whole test suite
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+
+## the training half under injected OpenAI faults (0/10/30/50%); SOAK_RUNS per rate (default 20)
+soak: venv
+	SOAK_RUNS=$${SOAK_RUNS:-20} $(PY) bench/fault_soak.py
+	$(PY) bench/breaker_overhead.py
 
 lint: venv
 	$(VENV)/bin/ruff check --select AIR dags plugins || true

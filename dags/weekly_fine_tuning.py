@@ -3,7 +3,9 @@
 
 Every Sunday at 02:00 UTC: collect last week's high-engagement posts from PostgreSQL into an
 OpenAI chat dataset, upload it, start a fine-tuning job (after a cost guard), wait for it in the
-triggerer, and register the fine-tuned model in MLflow as the `challenger`.
+triggerer, register the fine-tuned model in MLflow as the `challenger`, A/B test it against the
+baseline (looking every hour, waiting in the triggerer in between), and start a gradual rollout
+when it wins. The hourly DAG `rollout_monitor` advances the rollout or rolls it back.
 
 Every step is a function of the `fine_tuning` library and a subcommand of
 `python -m fine_tuning`; `FINE_TUNING_MODE` picks whether steps run in the worker (`local`) or
@@ -17,6 +19,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, chain
+from fine_tuning_airflow.ab_operators import ABTestEvaluationOperator
 from fine_tuning_airflow.operators import WaitForFineTuningJobOperator, fine_tuning_step
 
 with DAG(
@@ -61,8 +64,24 @@ with DAG(
             None, type=["null", "number"], minimum=0,
             description="Refuse to start a job whose estimated cost is higher (default 50).",
         ),
+        "traffic_split": Param(
+            None, type=["null", "number"], exclusiveMinimum=0, exclusiveMaximum=1,
+            description="Share of requests the candidate gets during the A/B test (default 0.1).",
+        ),
+        "a_b_test_duration_hours": Param(
+            None, type=["null", "number"], exclusiveMinimum=0, description="Planned A/B test length (default 168).",
+        ),
+        "evaluation_interval_minutes": Param(
+            None, type=["null", "number"], exclusiveMinimum=0, description="Minutes between A/B looks (default 60).",
+        ),
+        "strict_power": Param(
+            None, type=["null", "boolean"], description="Refuse an A/B test that cannot detect the lift (default false).",
+        ),
+        "deployment_strategy": Param(
+            None, type=["null", "string"], enum=[None, "gradual_rollout", "immediate"],
+            description="How a promoted candidate is rolled out (default gradual_rollout).",
+        ),
     },
-    render_template_as_native_obj=False,
 ) as dag:
     collect = fine_tuning_step("collect")
     upload = fine_tuning_step("upload")
@@ -73,5 +92,8 @@ with DAG(
         retry_delay=timedelta(minutes=5),
     )
     register = fine_tuning_step("register")
+    ab_create = fine_tuning_step("ab-create")
+    evaluate = ABTestEvaluationOperator(task_id="evaluate")
+    deploy = fine_tuning_step("deploy")
 
-    chain(collect, upload, train, wait, register)
+    chain(collect, upload, train, wait, register, ab_create, evaluate, deploy)

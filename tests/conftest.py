@@ -61,3 +61,12 @@ def openai_env(emulator: object, monkeypatch: pytest.MonkeyPatch) -> object:
     monkeypatch.setenv("OPENAI_BASE_URL", emulator.base_url)  # type: ignore[attr-defined]
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
     return emulator
+
+
+@pytest.fixture(autouse=True)
+def isolated_breakers(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test gets its own circuit-breaker keys in Redis: one test's injected faults must not
+    open the breaker that the next test calls through."""
+    prefix = f"test:{uuid.uuid4().hex[:10]}:breaker"
+    monkeypatch.setenv("FINE_TUNING_BREAKER_KEY_PREFIX", prefix)
+    return prefix

@@ -35,12 +35,18 @@ def test_every_dag_follows_the_rules(dagbag: DagBag) -> None:
 
 def test_weekly_shape_and_schedule(dagbag: DagBag) -> None:
     dag = dagbag.dags["weekly_fine_tuning"]
-    order = ["collect", "upload", "train", "wait", "register"]
+    order = ["collect", "upload", "train", "wait", "register", "ab_create", "evaluate", "deploy"]
     assert [t.task_id for t in dag.topological_sort()] == order
     for upstream, downstream in zip(order, order[1:]):
         assert dag.get_task(downstream).upstream_task_ids == {upstream}
     assert dag.timetable.expression == "0 2 * * 0"
-    assert {"engagement_threshold", "days_back", "max_records", "base_model"} <= set(dag.params.keys())
+    assert {"engagement_threshold", "days_back", "max_records", "base_model", "traffic_split"} <= set(dag.params.keys())
+
+
+def test_rollout_monitor_runs_hourly(dagbag: DagBag) -> None:
+    dag = dagbag.dags["rollout_monitor"]
+    assert dag.timetable.expression == "0 * * * *"
+    assert [t.task_id for t in dag.tasks] == ["rollout"]
 
 
 def test_parse_touches_no_heavy_import() -> None:

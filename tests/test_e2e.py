@@ -31,6 +31,11 @@ def airflow(pg_url: str, mlflow_uri: str, openai_env, tmp_path: Path) -> dict[st
     )
     env = airflow_env(stack, pg_url, tmp_path / "airflow", tmp_path / "data")
     env["MLFLOW_EXPERIMENT_NAME"] = f"e2e_{tmp_path.name}"
+    # An A/B test of seconds: with no traffic it cannot promote, so it ends in "reject".
+    config_file = tmp_path / "training_config.json"
+    config_file.write_text(json.dumps({"evaluation": {"duration_hours": 0.003, "evaluation_interval_minutes": 0.05}}))
+    env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
+    env["REDIS_URL"] = "redis://127.0.0.1:6379/8"
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
     return env
 
@@ -61,7 +66,10 @@ def test_weekly_dag_end_to_end(airflow: dict[str, str], pg_url: str, openai_env,
 
     state, tasks = dags_test(airflow, LAST_WEEK_END)
     assert state == "success", tasks
-    assert tasks == dict.fromkeys(["collect", "upload", "train", "wait", "register"], "success")
+    assert tasks == {
+        **dict.fromkeys(["collect", "upload", "train", "wait", "register", "ab_create", "evaluate"], "success"),
+        "deploy": "skipped",  # no traffic reached the candidate: the test rejects it, nothing to deploy
+    }
 
     emulator = openai_env.state()
     assert len(emulator["files"]) == 1 and len(emulator["jobs"]) == 1

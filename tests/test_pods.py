@@ -10,7 +10,7 @@ from fine_tuning.steps import STEP_INPUTS
 from fine_tuning_airflow.operators import fine_tuning_step
 from fine_tuning_airflow.pods import EXIT_SKIPPED
 
-STEPS = ["collect", "upload", "train", "register"]
+STEPS = ["collect", "upload", "train", "register", "ab-create", "deploy", "rollout"]
 
 
 @pytest.fixture

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="A/B statistics on per-arm aggregates (JSON in, JSON out)")
     analyze.add_argument("--method", choices=("fixed", "sequential"), default="sequential")
     analyze.add_argument("file", nargs="?", type=argparse.FileType("r"), default=sys.stdin)
+    rollback = sub.add_parser("rollback", help="roll a deployment back to the previous model, with a reason")
+    rollback.add_argument("--deployment-id", required=True)
+    rollback.add_argument("--reason", required=True)
+    health = sub.add_parser("health", help="probe the dependencies; print the /health JSON; exit 0 healthy, 1 not")
+    health.add_argument("--config-file", help="training_config.json (default $FINE_TUNING_CONFIG_FILE)")
     sub.add_parser("migrate", help="apply the database migrations")
     seed = sub.add_parser("seed", help="insert synthetic posts (development and demo)")
     seed.add_argument("--posts", type=int, default=5000)
@@ -86,6 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    if args.command == "rollback":
+        from fine_tuning import rollout
+        from fine_tuning.ab_steps import deployment_manifest, now_utc, redis_client
+
+        try:
+            record = rollout.rollback(config, redis_client(config), args.deployment_id, args.reason, now_utc())
+        except (rollout.UnknownDeployment, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(deployment_manifest(record).to_json())
+        return 0
+
+    if args.command == "health":
+        from fine_tuning.health import main as health_main
+
+        return health_main(config)
+
     if args.command in ("migrate", "seed"):
         from fine_tuning import db
 
@@ -99,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from fine_tuning.manifests import RunContext
+    from fine_tuning.ab_steps import CandidateRejected
     from fine_tuning.steps import EXIT_SKIPPED, InsufficientDataError, run_step
 
     ctx = RunContext(dag_id=args.dag_id, run_id=args.run_id, window_end=args.window_end)
     try:
         manifest = run_step(args.command, config, ctx, dict(args.input))
-    except InsufficientDataError as exc:
+    except (InsufficientDataError, CandidateRejected) as exc:
         logging.getLogger("fine_tuning").warning("skipping the rest of the run: %s", exc)
         return EXIT_SKIPPED
     except (ConfigError, ValueError) as exc:

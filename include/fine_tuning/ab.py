@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import uuid
 from dataclasses import asdict
 from datetime import datetime, timedelta
@@ -137,6 +138,7 @@ def create_ab_test(
 
     Idempotent per (dag_id, run_id): a retried task gets the test it created before.
     """
+    entered = time.monotonic()
     evaluation = config.evaluation
     database_url = config.services.database_url.get_secret_value()
     if dag_id and run_id:
@@ -172,7 +174,7 @@ def create_ab_test(
         "guardrails": evaluation.guardrails.model_dump(),
     }
     planned_end = now + timedelta(hours=evaluation.duration_hours)
-    with db.connect(database_url) as conn:
+    with db.connect(database_url) as conn, conn.transaction():
         conn.execute(
             """
             INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, candidate_version,
@@ -186,11 +188,18 @@ def create_ab_test(
                 dag_id, run_id,
             ),
         )
-    set_routing(
-        redis_client,
-        evaluation.model_type,
-        Routing(baseline_model, candidate_model, evaluation.traffic_split, ab_test_id),
-    )
+        # The test starts when the routing switches, not when this function began: posts made
+        # in between were all routed to the baseline and would skew the sample ratio.
+        set_routing(
+            redis_client,
+            evaluation.model_type,
+            Routing(baseline_model, candidate_model, evaluation.traffic_split, ab_test_id),
+        )
+        started = now + timedelta(seconds=time.monotonic() - entered)
+        conn.execute(
+            "UPDATE ab_tests SET started_at = %s, planned_end_at = %s WHERE id = %s",
+            (started, started + timedelta(hours=evaluation.duration_hours), ab_test_id),
+        )
     return get_ab_test(config, ab_test_id)
 
 

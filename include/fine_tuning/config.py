@@ -310,6 +310,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "traffic_split": ("evaluation", "traffic_split"),
     "a_b_test_duration_hours": ("evaluation", "duration_hours"),
     "strict_power": ("evaluation", "strict_power"),
+    "evaluation_interval_minutes": ("evaluation", "evaluation_interval_minutes"),
     "evaluation_method": ("evaluation", "method"),
     "deployment_strategy": ("deployment", "strategy"),
     "weekly_schedule": ("weekly_schedule",),

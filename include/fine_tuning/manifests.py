@@ -86,12 +86,17 @@ class JobResult(Manifest):
 
 
 class RegistrationManifest(Manifest):
-    mlflow_run_id: str
-    experiment_id: str
+    """The candidate in MLflow; ``buffered`` when MLflow was down and the registration is queued
+    in the tracking outbox (ids are then None until it is replayed; see ``tracking_buffer``)."""
+
+    mlflow_run_id: str | None
+    experiment_id: str | None
     model_name: str
-    model_version: str
+    model_version: str | None
     alias: str
     fine_tuned_model: str
+    status: Literal["registered", "buffered"] = "registered"
+    outbox_path: str | None = None
 
 
 def idempotency_key(dag_id: str, run_id: str, dataset_sha256: str) -> str:
@@ -108,3 +113,43 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     tmp.write_text(json.dumps(json.loads(manifest.to_json()), indent=2))
     tmp.replace(path)
     return path
+
+
+class ABTestManifest(Manifest):
+    ab_test_id: str
+    model_type: str
+    baseline_model: str
+    candidate_model: str
+    candidate_version: str | None
+    traffic_split: float
+    started_at: datetime
+    planned_end_at: datetime
+    power_adequate: bool
+    power_message: str
+
+
+class EvaluationManifest(Manifest):
+    ab_test_id: str
+    decision: Literal["promote", "reject", "continue"]
+    final: bool
+    looks: int
+    p_value: float | None
+    relative_lift: float | None
+    ci_lower: float | None
+    ci_upper: float | None
+    srm_p_value: float | None
+    reasons: list[dict]
+
+
+class DeploymentManifest(Manifest):
+    deployment_id: str
+    ab_test_id: str | None
+    status: str
+    candidate_model: str
+    previous_model: str
+    current_traffic: float
+    rollback_reason: str | None = None
+
+
+class RolloutWatchManifest(Manifest):
+    deployments: list[DeploymentManifest]

@@ -4,6 +4,10 @@ Creation calls are never retried blindly. The openai client retries a lost reply
 the server made the file, a timeout) by sending the request again, which makes a second file or
 job. So creation runs with the client's retries off, and every attempt first looks for what an
 earlier attempt (or an earlier try of the task) may have made, by a deterministic key.
+
+Every call to OpenAI goes through the shared ``openai`` circuit breaker (``fine_tuning.breakers``):
+when it is open, a call fails at once with ``CircuitOpenError`` instead of adding to the load,
+and tenacity does not retry that (the task's retry, delayed past the open time, does).
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ def make_client(config: PipelineConfig, *, max_retries: int | None = None) -> Op
         timeout=config.services.openai_timeout_seconds,
         max_retries=config.services.openai_max_retries if max_retries is None else max_retries,
     )
+
+
+def guarded(config: PipelineConfig, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call OpenAI through the shared ``openai`` circuit breaker."""
+    from fine_tuning.breakers import get_breaker
+
+    return get_breaker("openai", config).call(func, *args, **kwargs)
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -111,10 +122,10 @@ def create_once(
         ),
     ):
         with attempt:
-            existing = find()
+            existing = guarded(config, find)
             if existing is not None:
                 return existing, True
-            return create(), False
+            return guarded(config, create), False
     raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
 
@@ -215,16 +226,16 @@ def _refusal(exc: Exception, base_model: str) -> Exception:
 
 
 def retrieve_job(config: PipelineConfig, job_id: str) -> FineTuningJob:
-    return make_client(config).fine_tuning.jobs.retrieve(job_id)
+    return guarded(config, make_client(config).fine_tuning.jobs.retrieve, job_id)
 
 
 def cancel_job(config: PipelineConfig, job_id: str) -> str:
     """Cancel unless already finished; returns the job's status afterwards."""
     client = make_client(config)
-    job = client.fine_tuning.jobs.retrieve(job_id)
+    job = guarded(config, client.fine_tuning.jobs.retrieve, job_id)
     if job.status in TERMINAL_STATES:
         return job.status
-    return client.fine_tuning.jobs.cancel(job_id).status
+    return guarded(config, client.fine_tuning.jobs.cancel, job_id).status
 
 
 def job_error_message(job: FineTuningJob) -> str:

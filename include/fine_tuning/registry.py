@@ -1,11 +1,17 @@
 """MLflow tracking and registry for the candidate: one run per pipeline run, one model version.
 
 Both are found again on a retry (by tags derived from dag_id and run_id), never made twice.
+Every MLflow call goes through the shared ``mlflow`` circuit breaker, and the two tracking
+operations (cost estimate, registration) go through the durable outbox of
+``fine_tuning.tracking_buffer``: when MLflow is down they are queued and replayed later, and the
+step returns at once (a registration then comes back with ``status="buffered"``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fine_tuning.config import PipelineConfig
@@ -14,7 +20,9 @@ from fine_tuning.manifests import (
     JobResult,
     RegistrationManifest,
     TrainingManifest,
+    write_manifest,
 )
+from fine_tuning.tracking_buffer import register_operation, submit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -26,10 +34,41 @@ PIPELINE_RUN_TAG = "pipeline.run_key"
 MODEL_ARTIFACT_PATH = "fine_tuned_model"
 
 
+class BreakerGuardedClient:
+    """An ``MlflowClient`` whose every method call goes through the ``mlflow`` circuit breaker."""
+
+    def __init__(self, client: MlflowClient, config: PipelineConfig) -> None:
+        from fine_tuning.breakers import get_breaker
+
+        self._client = client
+        self._breaker = get_breaker("mlflow", config)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        breaker = self._breaker
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return breaker.call(attribute, *args, **kwargs)
+
+        return call
+
+
 def make_client(config: PipelineConfig) -> MlflowClient:
+    """A client guarded by the breaker, with MLflow's own HTTP retries kept short.
+
+    MLflow retries a dead server 7 times with a doubling backoff by default (minutes); the
+    breaker and the outbox deal with outages, so a call here fails within seconds instead.
+    An explicit ``MLFLOW_HTTP_REQUEST_*`` in the environment still wins.
+    """
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=config.mlflow.tracking_uri, registry_uri=config.mlflow.tracking_uri)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(config.mlflow.request_max_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(config.mlflow.request_timeout_seconds)))
+    client = MlflowClient(tracking_uri=config.mlflow.tracking_uri, registry_uri=config.mlflow.tracking_uri)
+    return BreakerGuardedClient(client, config)  # type: ignore[return-value]
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -51,10 +90,12 @@ def pipeline_run_key(dag_id: str, run_id: str) -> str:
     return f"{dag_id}/{run_id}"
 
 
-def get_or_create_run(config: PipelineConfig, dag_id: str, run_id: str) -> Run:
+def get_or_create_run(
+    config: PipelineConfig, dag_id: str, run_id: str, experiment_name: str | None = None
+) -> Run:
     """The MLflow run of this pipeline run, made on first use and found on every retry."""
     client = make_client(config)
-    experiment_id = _experiment_id(client, config.mlflow.experiment_name)
+    experiment_id = _experiment_id(client, experiment_name or config.mlflow.experiment_name)
     key = pipeline_run_key(dag_id, run_id)
     escaped = key.replace("'", "\\'")
     found = client.search_runs(
@@ -74,23 +115,46 @@ def _log_batch(client: MlflowClient, run_id: str, params: dict[str, Any], metric
 
     from mlflow.entities import Metric, Param
 
-    existing = client.get_run(run_id).data.params
+    data = client.get_run(run_id).data
     # Params are immutable in MLflow: re-logging the same key on a retry is fine only when equal.
-    new_params = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    new_params = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in data.params]
     now = int(time.time() * 1000)
-    metric_list = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    # A retry or a replay logs only what is not there yet with this value: a metric's history
+    # must not get a second point for the same fact.
+    metric_list = [
+        Metric(k, float(v), now, 0) for k, v in metrics.items() if data.metrics.get(k) != float(v)
+    ]
     for start in range(0, max(len(new_params), len(metric_list)), 100):
         client.log_batch(
             run_id, params=new_params[start : start + 100], metrics=metric_list[start : start + 100]
         )
 
 
-def log_cost_estimate(config: PipelineConfig, dag_id: str, run_id: str, **estimate: float) -> str:
-    """Log the cost guard's estimate (also when the guard refuses): returns the MLflow run id."""
+def log_cost_estimate(config: PipelineConfig, dag_id: str, run_id: str, **estimate: float) -> str | None:
+    """Log the cost guard's estimate (also when the guard refuses).
+
+    :returns: the MLflow run id, or None when MLflow is down and the estimate was queued.
+    """
+    outcome = submit(
+        config,
+        "cost_estimate",
+        pipeline_run_key(dag_id, run_id),
+        {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "experiment_name": config.mlflow.experiment_name,
+            "metrics": {f"estimated_{k}": float(v) for k, v in estimate.items()},
+        },
+    )
+    return None if outcome.result is None else outcome.result["mlflow_run_id"]
+
+
+@register_operation("cost_estimate")
+def _apply_cost_estimate(config: PipelineConfig, payload: dict[str, Any]) -> dict[str, Any]:
     client = make_client(config)
-    run = get_or_create_run(config, dag_id, run_id)
-    _log_batch(client, run.info.run_id, {}, {f"estimated_{k}": v for k, v in estimate.items()})
-    return run.info.run_id
+    run = get_or_create_run(config, payload["dag_id"], payload["run_id"], payload["experiment_name"])
+    _log_batch(client, run.info.run_id, {}, payload["metrics"])
+    return {"mlflow_run_id": run.info.run_id}
 
 
 def register_candidate(
@@ -98,15 +162,60 @@ def register_candidate(
     collect: CollectManifest,
     training: TrainingManifest,
     result: JobResult,
+    manifest_path: Path | None = None,
 ) -> RegistrationManifest:
-    """Log the pipeline run and register the fine-tuned model as a version with the candidate alias."""
+    """Log the pipeline run and register the fine-tuned model as a version with the candidate alias.
+
+    When MLflow is down (or its breaker open) the registration is queued and this returns at
+    once with ``status="buffered"``; the replay writes the final manifest to ``manifest_path``.
+    """
     if result.status != "succeeded" or not result.fine_tuned_model:
         raise ValueError(
             f"cannot register job {result.job_id}: status {result.status!r}, "
             f"fine_tuned_model {result.fine_tuned_model!r}"
         )
+    # Everything the operation needs travels with it: a replay may run in another process,
+    # with another run's config.
+    payload = {
+        "collect": collect.model_dump(mode="json"),
+        "training": training.model_dump(mode="json"),
+        "result": result.model_dump(mode="json"),
+        "params": config.loggable(),
+        "experiment_name": config.mlflow.experiment_name,
+        "model_name": config.mlflow.registered_model_name,
+        "alias": config.mlflow.candidate_alias,
+        "manifest_path": None if manifest_path is None else str(manifest_path),
+    }
+    key = f"{pipeline_run_key(collect.dag_id, collect.run_id)}/{result.job_id}"
+    outcome = submit(config, "register_candidate", key, payload)
+    if outcome.result is not None:
+        return RegistrationManifest.model_validate(outcome.result)
+    log.warning(
+        "MLflow unavailable (%s): registration of %s queued in %s; it is replayed at the next "
+        "MLflow call or by `python -m fine_tuning.tracking_buffer replay`",
+        outcome.reason, result.fine_tuned_model, outcome.path,
+    )
+    return RegistrationManifest(
+        mlflow_run_id=None,
+        experiment_id=None,
+        model_name=config.mlflow.registered_model_name,
+        model_version=None,
+        alias=config.mlflow.candidate_alias,
+        fine_tuned_model=result.fine_tuned_model,
+        status="buffered",
+        outbox_path=str(outcome.path),
+    )
+
+
+@register_operation("register_candidate")
+def _apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """The registration itself; idempotent, so a replay that runs twice changes nothing."""
+    collect = CollectManifest.model_validate(payload["collect"])
+    training = TrainingManifest.model_validate(payload["training"])
+    result = JobResult.model_validate(payload["result"])
+    model_name, alias = payload["model_name"], payload["alias"]
     client = make_client(config)
-    run = get_or_create_run(config, collect.dag_id, collect.run_id)
+    run = get_or_create_run(config, collect.dag_id, collect.run_id, payload["experiment_name"])
     mlflow_run_id = run.info.run_id
 
     metrics: dict[str, float] = {
@@ -126,7 +235,7 @@ def register_candidate(
         metrics["trained_tokens"] = result.trained_tokens
     if result.created_at and result.finished_at:
         metrics["training_seconds"] = result.finished_at - result.created_at
-    params = dict(config.loggable())
+    params = dict(payload["params"])
     params.update(
         {
             "provider": training.provider,
@@ -154,31 +263,28 @@ def register_candidate(
         f"{MODEL_ARTIFACT_PATH}/model.json",
     )
 
-    version = _get_or_create_version(config, client, mlflow_run_id, training, result)
-    client.set_registered_model_alias(
-        config.mlflow.registered_model_name, config.mlflow.candidate_alias, version
-    )
+    version = _get_or_create_version(model_name, client, mlflow_run_id, training, result)
+    client.set_registered_model_alias(model_name, alias, version)
     client.set_terminated(mlflow_run_id, "FINISHED")
     log.info(
         "registered %s version %s (alias %s) for %s, MLflow run %s",
-        config.mlflow.registered_model_name,
-        version,
-        config.mlflow.candidate_alias,
-        result.fine_tuned_model,
-        mlflow_run_id,
+        model_name, version, alias, result.fine_tuned_model, mlflow_run_id,
     )
-    return RegistrationManifest(
+    manifest = RegistrationManifest(
         mlflow_run_id=mlflow_run_id,
         experiment_id=run.info.experiment_id,
-        model_name=config.mlflow.registered_model_name,
+        model_name=model_name,
         model_version=version,
-        alias=config.mlflow.candidate_alias,
-        fine_tuned_model=result.fine_tuned_model,
+        alias=alias,
+        fine_tuned_model=result.fine_tuned_model or "",
     )
+    if payload.get("manifest_path"):  # a replay brings the step's manifest up to date
+        write_manifest(manifest, payload["manifest_path"])
+    return manifest.model_dump(mode="json")
 
 
 def _get_or_create_version(
-    config: PipelineConfig,
+    name: str,
     client: MlflowClient,
     mlflow_run_id: str,
     training: TrainingManifest,
@@ -186,7 +292,6 @@ def _get_or_create_version(
 ) -> str:
     from mlflow.exceptions import MlflowException
 
-    name = config.mlflow.registered_model_name
     try:
         client.create_registered_model(name, description="Fine-tuned content models (auto fine-tuning pipeline)")
     except MlflowException as exc:
@@ -241,3 +346,15 @@ def demote_candidate(config: PipelineConfig, version: str, reason: str) -> None:
             client.delete_registered_model_alias(name, config.mlflow.candidate_alias)
     except MlflowException:
         pass
+
+
+def champion_model(config: PipelineConfig) -> str | None:
+    """The model id behind the ``champion`` alias (None when there is no champion yet)."""
+    from mlflow.exceptions import MlflowException
+
+    client = make_client(config)
+    try:
+        version = client.get_model_version_by_alias(config.mlflow.registered_model_name, CHAMPION_ALIAS)
+    except MlflowException:
+        return None
+    return version.tags.get("fine_tuned_model") or None

@@ -12,9 +12,12 @@ import re
 import time
 from pathlib import Path
 
+from fine_tuning import ab_steps, metrics
 from fine_tuning.config import PipelineConfig
 from fine_tuning.manifests import (
+    ABTestManifest,
     CollectManifest,
+    EvaluationManifest,
     JobResult,
     Manifest,
     RegistrationManifest,
@@ -58,16 +61,19 @@ def _save(config: PipelineConfig, ctx: RunContext, name: str, manifest: Manifest
     write_manifest(manifest, run_dir(config, ctx) / f"{name}.json")
 
 
+@metrics.timed_step("collect")
 def collect(config: PipelineConfig, ctx: RunContext) -> CollectManifest:
     """Stream the window's high-engagement posts into a validated chat JSONL dataset."""
     from fine_tuning.collect import collect_training_data
 
     manifest = collect_training_data(config, ctx, run_dir(config, ctx))
+    metrics.get_metrics(config).collected(manifest)
     if manifest.status != "ready":
         raise InsufficientDataError(manifest.reason or "not enough training data")
     return manifest
 
 
+@metrics.timed_step("upload")
 def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) -> UploadManifest:
     """Check the cost guard, then upload the dataset once (found again by its key on a retry)."""
     from fine_tuning import openai_training, registry, tokens
@@ -76,6 +82,7 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
         raise ValueError(f"collect manifest of {ctx.run_id} has no dataset (status {collected.status})")
     epochs = tokens.estimate_epochs(collected.examples_written, config.training.hyperparameters.n_epochs)
     cost = tokens.estimate_training_cost(collected.tokens, epochs, config.training.price_per_million())
+    metrics.get_metrics(config).training_cost_estimated(cost)
     registry.log_cost_estimate(
         config, ctx.dag_id, ctx.run_id, tokens=collected.tokens, epochs=epochs, cost_usd=cost
     )
@@ -113,6 +120,7 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
     return manifest
 
 
+@metrics.timed_step("train")
 def train(config: PipelineConfig, ctx: RunContext, uploaded: UploadManifest) -> TrainingManifest:
     """Start the fine-tuning job once per (dag_id, run_id, dataset sha256)."""
     from fine_tuning import openai_training
@@ -121,6 +129,7 @@ def train(config: PipelineConfig, ctx: RunContext, uploaded: UploadManifest) -> 
         uploaded.idempotency_key, ctx.dag_id, ctx.run_id, uploaded.dataset_sha256
     )
     job, reused = openai_training.start_job(config, uploaded.file_id, metadata)
+    metrics.get_metrics(config).training_job_started(reused)
     manifest = TrainingManifest(
         **uploaded.model_dump(), job_id=job.id, suffix=config.training.suffix, reused_job=reused
     )
@@ -145,6 +154,7 @@ def job_result(job: object) -> JobResult:
     )
 
 
+@metrics.timed_step("wait")
 def wait(config: PipelineConfig, ctx: RunContext, training: TrainingManifest) -> JobResult:
     """Poll the job until it ends (the CLI's blocking wait; in Airflow a trigger does this)."""
     from fine_tuning.openai_training import TERMINAL_STATES, FineTuningJobFailed, retrieve_job
@@ -161,12 +171,14 @@ def wait(config: PipelineConfig, ctx: RunContext, training: TrainingManifest) ->
             )
         time.sleep(config.training.poll_interval_seconds)
     result = job_result(job)
+    metrics.get_metrics(config).training_job_finished(result)
     _save(config, ctx, "wait", result)
     if result.status != "succeeded":
         raise FineTuningJobFailed(result.error)
     return result
 
 
+@metrics.timed_step("register")
 def register(
     config: PipelineConfig,
     ctx: RunContext,
@@ -177,7 +189,14 @@ def register(
     """Track the run in MLflow and register the candidate with the ``challenger`` alias."""
     from fine_tuning.registry import register_candidate
 
-    manifest = register_candidate(config, collected, training, result)
+    # When MLflow is down the registration is queued (status "buffered") and the run goes on;
+    # the replay rewrites register.json with the MLflow ids (see fine_tuning.tracking_buffer).
+    manifest = register_candidate(
+        config, collected, training, result, manifest_path=run_dir(config, ctx) / "register.json"
+    )
+    metrics.get_metrics(config).pipeline_registered(
+        result, run_dir(config, ctx) / "collect.json", collected.seconds
+    )
     _save(config, ctx, "register", manifest)
     return manifest
 
@@ -189,14 +208,36 @@ STEP_INPUTS: dict[str, tuple[str, ...]] = {
     "train": ("upload",),
     "wait": ("train",),
     "register": ("collect", "train", "wait"),
+    "ab-create": ("register",),
+    "evaluate": ("ab-create",),
+    "deploy": ("evaluate",),
+    "rollout": (),
 }
 INPUT_TYPES: dict[str, type[Manifest]] = {
     "collect": CollectManifest,
     "upload": UploadManifest,
     "train": TrainingManifest,
     "wait": JobResult,
+    "register": RegistrationManifest,
+    "ab-create": ABTestManifest,
+    "evaluate": EvaluationManifest,
 }
-STEPS = {"collect": collect, "upload": upload, "train": train, "wait": wait, "register": register}
+STEPS = {
+    "collect": collect,
+    "upload": upload,
+    "train": train,
+    "wait": wait,
+    "register": register,
+    "ab-create": ab_steps.ab_create,
+    "evaluate": ab_steps.evaluate,
+    "deploy": ab_steps.deploy,
+    "rollout": ab_steps.watch_rollouts,
+}
+
+
+def task_id(step: str) -> str:
+    """The Airflow task id of a step (task ids read better with underscores)."""
+    return step.replace("-", "_")
 
 
 def run_step(
@@ -210,4 +251,6 @@ def run_step(
         if upstream not in inputs or inputs[upstream] in (None, "", "None"):
             raise ValueError(f"step {name!r} needs the manifest of {upstream!r}")
         args.append(INPUT_TYPES[upstream].from_json(inputs[upstream]))
-    return STEPS[name](config, ctx, *args)
+    manifest = STEPS[name](config, ctx, *args)
+    _save(config, ctx, name, manifest)
+    return manifest

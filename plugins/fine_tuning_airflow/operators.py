@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from fine_tuning_airflow.breaker_operator import CircuitBreakerOperator
+
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from fine_tuning.config import PipelineConfig
@@ -55,11 +57,17 @@ def _fail_fast(exc: BaseException) -> BaseException:
     return exc
 
 
-class FineTuningStepOperator(BaseOperator):
+# The breakers a step checks before it starts (and fails fast on, retrying after the open time).
+# ``register`` checks none: while MLflow is down it queues the registration and succeeds.
+STEP_BREAKERS: dict[str, tuple[str, ...]] = {"upload": ("openai",), "train": ("openai",)}
+
+
+class FineTuningStepOperator(CircuitBreakerOperator):
     """Run one library step (``collect``, ``upload``, ``train``, ``register``) in the worker.
 
     Upstream manifests are read from the upstream tasks' XComs; the step's own manifest (ids,
-    counts, checksums, paths — never data) is returned as this task's XCom.
+    counts, checksums, paths — never data) is returned as this task's XCom. An open breaker of
+    the step's service fails the task fast, to be retried after the open time.
     """
 
     template_fields: Sequence[str] = ("step",)
@@ -70,27 +78,38 @@ class FineTuningStepOperator(BaseOperator):
         self.step = step
         self.openai_conn_id = openai_conn_id
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowSkipException
-        from fine_tuning.steps import STEP_INPUTS, InsufficientDataError, run_step
+    def breakers_for_task(self) -> Sequence[str]:
+        return STEP_BREAKERS.get(self.step, ())
 
-        config = resolve_config(context, self.openai_conn_id)
-        inputs = {name: context["ti"].xcom_pull(task_ids=name) for name in STEP_INPUTS[self.step]}
+    def pipeline_config(self, context: Context) -> PipelineConfig:
+        return resolve_config(context, self.openai_conn_id)
+
+    def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+        from fine_tuning.ab_steps import CandidateRejected
+        from fine_tuning.steps import STEP_INPUTS, InsufficientDataError, run_step, task_id
+
+        inputs = {name: context["ti"].xcom_pull(task_ids=task_id(name)) for name in STEP_INPUTS[self.step]}
         try:
             manifest = run_step(self.step, config, run_context(context), inputs)
         except InsufficientDataError as exc:
             raise AirflowSkipException(f"not enough training data: {exc}") from exc
+        except CandidateRejected as exc:
+            raise AirflowSkipException(str(exc)) from exc
         except Exception as exc:
             raise _fail_fast(exc) from exc
         return manifest.model_dump(mode="json")
 
 
-class WaitForFineTuningJobOperator(BaseOperator):
+class WaitForFineTuningJobOperator(CircuitBreakerOperator):
     """Wait for the fine-tuning job without holding a worker: defer to :class:`FineTuningJobTrigger`.
 
     Succeeds with the job's result (fine-tuned model id, trained tokens) as XCom; fails with
     OpenAI's error message when the job fails or is cancelled. ``on_kill`` cancels the job.
+    Checks the ``openai`` breaker first; the trigger waits out an open breaker between polls.
     """
+
+    breaker_names = ("openai",)
 
     template_fields: Sequence[str] = ("job_id",)
     ui_color = "#fff3d6"
@@ -100,12 +119,14 @@ class WaitForFineTuningJobOperator(BaseOperator):
         self.job_id = job_id
         self.openai_conn_id = openai_conn_id
 
-    def execute(self, context: Context) -> dict[str, Any] | None:
+    def pipeline_config(self, context: Context) -> PipelineConfig:
+        return resolve_config(context, self.openai_conn_id)
+
+    def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any] | None:
         from fine_tuning.openai_training import TERMINAL_STATES, retrieve_job
 
         from fine_tuning_airflow.triggers import FineTuningJobTrigger
 
-        config = resolve_config(context, self.openai_conn_id)
         job = retrieve_job(config, self.job_id)
         if job.status in TERMINAL_STATES:  # a retry after the job ended needs no trigger
             return self._finish(context, job.model_dump(mode="json"))
@@ -168,4 +189,6 @@ def fine_tuning_step(step: str, *, mode: str | None = None, **kwargs: Any) -> Ba
         from fine_tuning_airflow.pods import step_pod
 
         return step_pod(step, **kwargs)
-    return FineTuningStepOperator(task_id=step, step=step, **kwargs)
+    from fine_tuning.steps import task_id
+
+    return FineTuningStepOperator(task_id=task_id(step), step=step, **kwargs)

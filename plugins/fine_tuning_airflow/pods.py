@@ -37,7 +37,7 @@ SECRET_ENV = (
 
 def step_arguments(step: str) -> list[str]:
     """The CLI's arguments, templated with the run's ids, window and upstream manifests."""
-    from fine_tuning.steps import STEP_INPUTS
+    from fine_tuning.steps import STEP_INPUTS, task_id
 
     arguments = [
         step,
@@ -53,7 +53,7 @@ def step_arguments(step: str) -> list[str]:
         "/airflow/xcom/return.json",
     ]
     for upstream in STEP_INPUTS[step]:
-        arguments += ["--input", f"{upstream}={{{{ ti.xcom_pull(task_ids='{upstream}') | tojson }}}}"]
+        arguments += ["--input", f"{upstream}={{{{ ti.xcom_pull(task_ids='{task_id(upstream)}') | tojson }}}}"]
     return arguments
 
 
@@ -64,8 +64,10 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     settings = pod_settings()
+    from fine_tuning.steps import task_id
+
     return KubernetesPodOperator(
-        task_id=step,
+        task_id=task_id(step),
         name=f"fine-tuning-{step}",
         namespace=settings["namespace"],
         image=settings["image"],

@@ -21,6 +21,10 @@ class FineTuningJobTrigger(BaseTrigger):
     :param poll_interval: seconds between polls.
     :param max_consecutive_errors: polls that may fail in a row (the API being briefly down
         does not mean the job failed) before the trigger gives up with an error event.
+
+    Polls go through the shared ``openai`` circuit breaker (thresholds and Redis from the
+    triggerer's environment): while it is open the trigger sleeps until the open time ends
+    instead of polling, and that does not count as an error.
     """
 
     def __init__(
@@ -49,19 +53,26 @@ class FineTuningJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         import openai
+        from fine_tuning.breakers import CircuitOpenError, get_breaker
+        from fine_tuning.config import load_config
 
         from fine_tuning_airflow.hooks import OpenAIFineTuningHook
 
         try:
             client = await OpenAIFineTuningHook(self.openai_conn_id).aget_client()
-        except Exception as exc:  # a missing connection must end the wait, not hang it
+            breaker = get_breaker("openai", load_config())
+        except Exception as exc:  # a missing connection or a bad config must end the wait, not hang it
             yield TriggerEvent({"status": "error", "job_id": self.job_id, "message": str(exc)})
             return
         errors = 0
         async with client:
             while True:
                 try:
-                    job = await client.fine_tuning.jobs.retrieve(self.job_id)
+                    job = await breaker.acall(client.fine_tuning.jobs.retrieve, self.job_id)
+                except CircuitOpenError as exc:
+                    self.log.warning("%s; polling %s again after that", exc, self.job_id)
+                    await asyncio.sleep(max(exc.remaining_seconds, self.poll_interval))
+                    continue
                 except openai.NotFoundError as exc:
                     yield TriggerEvent(
                         {"status": "error", "job_id": self.job_id, "message": f"job not found: {exc.message}"}

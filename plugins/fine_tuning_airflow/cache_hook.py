@@ -1,0 +1,132 @@
+"""A stateless hook for cached metrics: SQL aggregates from PostgreSQL, cached in Redis with a TTL.
+
+The evaluation reads per-arm aggregates many times while an A/B test runs (every sensor poke,
+every API status call); the hook serves repeats from Redis (TTL ``cache.ttl_seconds``, 300 s by
+default) and counts hits and misses. When Redis is down every read goes to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from airflow.sdk import BaseHook
+
+if TYPE_CHECKING:
+    from fine_tuning.cache import CacheStats, MetricsCache
+    from fine_tuning.config import PipelineConfig
+
+T = TypeVar("T")
+
+
+class CachedMetricsHook(BaseHook):
+    """PostgreSQL from ``postgres_conn_id`` (else ``DATABASE_URL``), Redis from ``redis_conn_id``
+    (else ``REDIS_URL``); TTL and key prefix from the pipeline config.
+
+    :param postgres_conn_id: Airflow connection of the posts database.
+    :param redis_conn_id: Airflow connection of the cache's Redis.
+    :param config: the pipeline config (default: loaded from the environment).
+    """
+
+    conn_name_attr = "postgres_conn_id"
+    default_conn_name = "postgres_default"
+    conn_type = "postgres"
+    hook_name = "Cached pipeline metrics"
+
+    def __init__(
+        self,
+        postgres_conn_id: str = "postgres_default",
+        redis_conn_id: str = "redis_default",
+        config: PipelineConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.postgres_conn_id = postgres_conn_id
+        self.redis_conn_id = redis_conn_id
+        self._config = config
+
+    @property
+    def config(self) -> PipelineConfig:
+        if self._config is None:
+            from fine_tuning.config import load_config
+
+            self._config = load_config()
+        return self._config
+
+    def _connection_url(self, conn_id: str, scheme: str) -> str | None:
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            conn = self.get_connection(conn_id)
+        except AirflowNotFoundException:
+            return None
+        from urllib.parse import quote
+
+        auth = ""
+        if conn.login or conn.password:
+            auth = quote(conn.login or "", safe="") + (f":{quote(conn.password, safe='')}" if conn.password else "") + "@"
+        port = f":{conn.port}" if conn.port else ""
+        return f"{scheme}://{auth}{conn.host or '127.0.0.1'}{port}/{conn.schema or ''}"
+
+    def database_url(self) -> str:
+        url = self._connection_url(self.postgres_conn_id, "postgresql")
+        return url or os.environ.get("DATABASE_URL") or self.config.services.database_url.get_secret_value()
+
+    def redis_url(self) -> str:
+        url = self._connection_url(self.redis_conn_id, "redis")
+        return url or os.environ.get("REDIS_URL") or self.config.services.redis_url.get_secret_value()
+
+    def get_cache(self) -> MetricsCache:
+        """The cache (its counters live in Redis and in the process, not in the hook)."""
+        from fine_tuning.cache import MetricsCache
+
+        config = self.config
+        return _cache_for(
+            self.redis_url() if config.cache.enabled else None, config.cache.ttl_seconds,
+            config.cache.key_prefix, config.breakers.redis_retry_seconds,
+        )
+
+    def get_metrics(self, name: str, compute: Callable[[], T], ttl_seconds: int | None = None) -> T:
+        """A cached value by name, computed by ``compute`` on a miss."""
+        return self.get_cache().get_or_compute(name, compute, ttl_seconds)
+
+    def get_records(
+        self, sql: str, parameters: Sequence[Any] | Mapping[str, Any] | None = None, ttl_seconds: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows of a (read-only, aggregate) query as dicts, cached by the query and its parameters."""
+        import psycopg
+        from fine_tuning.cache import MetricsCache
+        from psycopg.rows import dict_row
+
+        def run_query() -> list[dict[str, Any]]:
+            with psycopg.connect(self.database_url(), row_factory=dict_row) as conn:
+                return [dict(row) for row in conn.execute(sql, parameters)]
+
+        name = "sql:" + MetricsCache.key_for(sql, parameters)
+        return self.get_cache().get_or_compute(name, run_query, ttl_seconds)
+
+    def stats(self) -> CacheStats:
+        return self.get_cache().stats()
+
+
+# Caches per (url, ttl, prefix) per process: the hook stays stateless, the process counts.
+_CACHES: dict[tuple[str | None, int, str], Any] = {}
+
+
+def _cache_for(url: str | None, ttl: int, prefix: str, retry_seconds: float) -> MetricsCache:
+    from fine_tuning.cache import MetricsCache
+
+    key = (url, ttl, prefix)
+    cache = _CACHES.get(key)
+    if cache is None:
+        on_lookup = None
+        try:
+            from fine_tuning import metrics
+
+            emitter = metrics.get_metrics()
+            on_lookup = emitter.cache_lookup
+        except Exception:  # metrics not configured or not importable: count in Redis only
+            on_lookup = None
+        cache = _CACHES[key] = MetricsCache(url, ttl, prefix, redis_retry_seconds=retry_seconds, on_lookup=on_lookup)
+    return cache

@@ -1,0 +1,207 @@
+"""A/B tests and rollouts on real PostgreSQL and Redis: routing, SQL aggregates, decisions, rollback."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import psycopg
+import pytest
+import redis
+
+from fine_tuning import ab, db, rollout
+from fine_tuning.config import PipelineConfig, load_config
+from fine_tuning.routing import Routing, choose_model, get_routing, set_routing
+from fine_tuning.simulator import ModelBehaviour, simulate_traffic
+
+BASE, CAND = "gpt-3.5-turbo-0125", "ft:gpt-3.5-turbo-0125:org:weekly:abc"
+T0 = datetime(2026, 11, 22, 2, tzinfo=UTC)
+
+
+@pytest.fixture
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/9")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def config(pg_url: str) -> PipelineConfig:
+    with db.connect(pg_url) as conn:
+        db.migrate(conn)
+    return load_config(
+        env={"DATABASE_URL": pg_url, "REDIS_URL": "redis://127.0.0.1:6379/9"},
+        params={
+            "evaluation": {"duration_hours": 24, "power_history_hours": 24},
+            "deployment": {"rollout_config": {"initial_traffic": 0.1, "increment_percentage": 0.45,
+                                              "increment_interval_hours": 1}},
+        },
+    )
+
+
+def history(config: PipelineConfig, redis_client: redis.Redis, posts: int = 3000) -> None:
+    """A day of baseline-only posts before the test (the power calculation reads them)."""
+    simulate_traffic(
+        config.services.database_url.get_secret_value(), redis_client, model_type="body", default_model=BASE,
+        behaviours={BASE: ModelBehaviour()}, requests=posts, start=T0 - timedelta(hours=24), end=T0, seed=99,
+    )
+
+
+def test_routing_is_deterministic_and_matches_the_split(redis_client: redis.Redis) -> None:
+    set_routing(redis_client, "body", Routing(BASE, CAND, 0.1, "ab-x"))
+    assert get_routing(redis_client, "body").as_split() == {"baseline": 0.9, "candidate": 0.1}
+    picks = [choose_model(redis_client, "body", f"req-{i}", BASE) for i in range(2000)]
+    assert picks == [choose_model(redis_client, "body", f"req-{i}", BASE) for i in range(2000)]
+    from fine_tuning.routing import arm_for
+
+    routing = get_routing(redis_client, "body")
+    share = np.mean([arm_for(routing, f"request-{i}") == "candidate" for i in range(100_000)])
+    assert abs(share - 0.1) <= 0.01
+    # Raising the share keeps every request already on the candidate there.
+    wider = Routing(BASE, CAND, 0.3, "deploy-x")
+    assert all(arm_for(wider, f"req-{i}") == "candidate" for i in range(2000) if picks[i] == CAND)
+    assert choose_model(redis_client, "hook", "req-1", "gpt-4o") == "gpt-4o"  # no routing: the default
+
+
+def test_aggregates_are_one_query_that_matches_the_rows(config: PipelineConfig, redis_client: redis.Redis) -> None:
+    url = config.services.database_url.get_secret_value()
+    set_routing(redis_client, "body", Routing(BASE, CAND, 0.3, "t"))
+    simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
+                     behaviours={CAND: ModelBehaviour(engagement=0.08)}, requests=2000, start=T0, end=T0 + timedelta(hours=1))
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE posts SET engagement_rate = 'NaN' WHERE id IN (SELECT id FROM posts LIMIT 3)")
+        rows = conn.execute("SELECT model_id, engagement_rate, is_error FROM posts").fetchall()
+    aggregates = ab.arm_aggregates(url, BASE, CAND, T0, T0 + timedelta(hours=1))
+    for arm, model in (("baseline", BASE), ("candidate", CAND)):
+        rates = [r[1] for r in rows if r[0] == model and 0 <= r[1] <= 1]
+        assert aggregates[arm]["posts"] == sum(1 for r in rows if r[0] == model)
+        assert aggregates[arm]["eng_n"] == len(rates)
+        assert aggregates[arm]["eng_sum"] == pytest.approx(sum(rates))
+        assert aggregates[arm]["errors"] == sum(1 for r in rows if r[0] == model and r[2])
+
+
+def test_create_warns_when_underpowered_and_strict_refuses(
+    config: PipelineConfig, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    history(config, redis_client, posts=300)
+    with caplog.at_level(logging.WARNING):
+        test = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=T0,
+                                 dag_id="d", run_id="r1")
+    assert "UNDERPOWERED" in caplog.text
+    assert test["status"] == "running" and test["traffic_allocation"] == {"baseline": 0.9, "candidate": 0.1}
+    assert get_routing(redis_client, "body").candidate_model == CAND
+    again = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=T0,
+                              dag_id="d", run_id="r1")
+    assert again["id"] == test["id"]  # a retried task gets the same test
+    config.evaluation.strict_power = True
+    with pytest.raises(ab.ABTestError, match="strict_power"):
+        ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=T0,
+                          dag_id="d", run_id="r2")
+
+
+def run_test(config: PipelineConfig, redis_client: redis.Redis, candidate: ModelBehaviour, hours: int = 6) -> dict:
+    """Create a test, then simulate and look every hour until it decides."""
+    url = config.services.database_url.get_secret_value()
+    config.evaluation.traffic_split = 0.5
+    test = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=T0)
+    result: dict = {}
+    for hour in range(hours):
+        start = T0 + timedelta(hours=hour)
+        simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
+                         behaviours={BASE: ModelBehaviour(), CAND: candidate}, requests=1500, start=start,
+                         end=start + timedelta(hours=1), seed=hour)
+        result = ab.evaluate_ab_test(config, redis_client, test["id"], start + timedelta(hours=1))
+        if result["final"]:
+            break
+    return result
+
+
+def test_a_clear_winner_is_promoted_early_and_deployed_gradually(config: PipelineConfig, redis_client: redis.Redis) -> None:
+    history(config, redis_client)
+    winner = ModelBehaviour(engagement=0.095, cost_per_token=1.6e-6)
+    result = run_test(config, redis_client, winner)
+    assert result["decision"] == "promote", result["analysis"]["reasons"]
+    record = ab.get_ab_test(config, result["ab_test_id"])
+    assert record["ended_at"] < record["planned_end_at"]  # a clear winner ends the test early
+    assert record["looks"] >= 1 and record["min_sequential_p"] < 0.05
+
+    url = config.services.database_url.get_secret_value()
+    now = record["ended_at"]
+    deployment = rollout.deploy(config, redis_client, result["ab_test_id"], now)
+    assert deployment["current_traffic"] == 0.1 and get_routing(redis_client, "body").candidate_share == 0.1
+    assert rollout.deploy(config, redis_client, result["ab_test_id"], now)["id"] == deployment["id"]
+    shares = []
+    for step in range(1, 4):
+        start = now + timedelta(hours=step - 1)
+        simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
+                         behaviours={BASE: ModelBehaviour(), CAND: winner}, requests=800, start=start,
+                         end=start + timedelta(hours=1), seed=100 + step)
+        state = rollout.watch(config, redis_client, deployment["id"], start + timedelta(hours=1))
+        shares.append(state["current_traffic"])
+        if state["status"] == "completed":
+            break
+    assert shares == [0.55, 1.0]
+    assert state["status"] == "completed"
+    routing = get_routing(redis_client, "body")
+    assert routing.baseline_model == CAND and routing.candidate_share == 0.0
+    assert [e["kind"] for e in state["events"]] == ["started", "advanced", "advanced", "completed"]
+
+
+def test_a_loser_is_rejected_and_taken_out_of_the_routing(config: PipelineConfig, redis_client: redis.Redis) -> None:
+    history(config, redis_client)
+    result = run_test(config, redis_client, ModelBehaviour(engagement=0.045))
+    assert result["decision"] == "reject"
+    assert get_routing(redis_client, "body").candidate_share == 0.0
+    with pytest.raises(rollout.DeploymentRefused, match="not 'promote'"):
+        rollout.deploy(config, redis_client, result["ab_test_id"], T0 + timedelta(days=1))
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "fired"),
+    [
+        (ModelBehaviour(engagement=0.04), "engagement_rate_drop"),
+        (ModelBehaviour(error_rate=0.2), "error_rate"),
+        (ModelBehaviour(response_time_ms=2600), "p95_response_time"),
+    ],
+)
+def test_each_trigger_rolls_back(
+    config: PipelineConfig, redis_client: redis.Redis, behaviour: ModelBehaviour, fired: str
+) -> None:
+    url = config.services.database_url.get_secret_value()
+    with psycopg.connect(url, autocommit=True) as conn:  # a promoted test, as the evaluation leaves it
+        conn.execute(
+            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
+            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
+            " VALUES ('ab-1', 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', '{\"srm_ok\": true}')",
+            (BASE, CAND, T0, T0),
+        )
+    deployment = rollout.deploy(config, redis_client, "ab-1", T0)
+    simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
+                     behaviours={BASE: ModelBehaviour(), CAND: behaviour}, requests=3000, start=T0,
+                     end=T0 + timedelta(minutes=30), seed=7)
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(minutes=30))
+    assert state["status"] == "rolled_back" and fired in state["rollback_reason"]
+    routing = get_routing(redis_client, "body")
+    assert routing.baseline_model == BASE and routing.candidate_share == 0.0
+    detail = state["events"][-1]["detail"]
+    assert detail["trigger_to_switch_seconds"] < 30  # the design's goal; the figure is in the bench
+
+
+def test_manual_rollback_needs_a_reason_and_is_recorded(config: PipelineConfig, redis_client: redis.Redis) -> None:
+    url = config.services.database_url.get_secret_value()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
+            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
+            " VALUES ('ab-2', 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', '{\"srm_ok\": true}')",
+            (BASE, CAND, T0, T0),
+        )
+    deployment = rollout.deploy(config, redis_client, "ab-2", T0)
+    with pytest.raises(ValueError, match="reason"):
+        rollout.rollback(config, redis_client, deployment["id"], " ", T0)
+    state = rollout.rollback(config, redis_client, deployment["id"], "on-call: complaints about tone", T0)
+    assert state["status"] == "rolled_back" and state["rollback_reason"] == "on-call: complaints about tone"
+    with pytest.raises(rollout.UnknownDeployment):
+        rollout.rollback(config, redis_client, "deploy-missing", "x", T0)

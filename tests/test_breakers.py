@@ -1,0 +1,339 @@
+"""Circuit breakers on a real Redis (and the per-process fallback): the state machine, two
+processes sharing one breaker, Redis down, the operator's fail-fast and retry delay, the trigger."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import openai
+import pytest
+import redis
+from airflow.sdk.definitions.retry_policy import RetryAction
+
+from fine_tuning.breakers import (
+    BREAKER_NAMES,
+    BreakerListener,
+    CircuitBreaker,
+    CircuitOpenError,
+    get_breaker,
+    is_breaker_failure,
+)
+from fine_tuning.config import BreakerConfig, load_config
+from fine_tuning_airflow.breaker_operator import CircuitOpenRetryPolicy
+from fine_tuning_airflow.operators import FineTuningStepOperator, WaitForFineTuningJobOperator
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+def settings(**overrides: object) -> BreakerConfig:
+    base = {"failure_threshold": 3, "recovery_timeout_seconds": 120.0, "minimum_calls": 10}
+    return BreakerConfig(**{**base, **overrides})
+
+
+def make_breaker(redis_url: str | None, **overrides: object) -> CircuitBreaker:
+    return CircuitBreaker("openai", settings(**overrides), redis_url, key_prefix=f"test:{uuid.uuid4().hex[:10]}:b")
+
+
+def fail(breaker: CircuitBreaker, exc: Exception | None = None) -> None:
+    def boom() -> None:
+        raise exc or ConnectionError("connection refused")
+
+    with pytest.raises(type(exc) if exc else ConnectionError):
+        breaker.call(boom)
+
+
+@pytest.fixture(params=["redis", "per-process"])
+def storage(request: pytest.FixtureRequest) -> str | None:
+    """The same rules, in Redis (Lua) and in the per-process fallback."""
+    return REDIS_URL if request.param == "redis" else None
+
+
+def test_consecutive_failures_open_it_and_say_until_when(storage: str | None) -> None:
+    breaker = make_breaker(storage)
+    fail(breaker)
+    fail(breaker)
+    assert breaker.state == "closed" and breaker.failure_count == 2
+    fail(breaker)
+    assert breaker.state == "open"
+    assert breaker.opened_until is not None and breaker.opened_until > datetime.now(UTC) + timedelta(seconds=100)
+    with pytest.raises(CircuitOpenError, match=r"circuit 'openai' open until \d\d:\d\d:\d\d UTC") as raised:
+        breaker.call(lambda: "never called")
+    assert 100 < raised.value.remaining_seconds <= 120
+
+
+def test_a_success_resets_the_consecutive_count(storage: str | None) -> None:
+    breaker = make_breaker(storage)
+    fail(breaker)
+    fail(breaker)
+    assert breaker.call(lambda: 42) == 42
+    fail(breaker)
+    fail(breaker)
+    assert breaker.state == "closed"
+
+
+def test_interleaved_failures_open_it_by_rate(storage: str | None) -> None:
+    """50% failures, never 3 in a row: consecutive counting alone would never open it."""
+    breaker = make_breaker(storage, minimum_calls=10, failure_rate_threshold=0.5)
+    for _ in range(4):
+        fail(breaker)
+        breaker.call(lambda: None)
+    assert breaker.state == "closed"  # 8 calls: below the minimum
+    fail(breaker)
+    breaker.call(lambda: None)  # the 10th call: 5/10 failed
+    assert breaker.state == "open"
+
+
+def test_slow_calls_open_it(storage: str | None) -> None:
+    breaker = make_breaker(storage, slow_call_duration_seconds=0.01, slow_call_rate_threshold=1.0, minimum_calls=3)
+    for _ in range(3):
+        breaker.call(time.sleep, 0.02)
+    assert breaker.state == "open"
+
+
+def test_half_open_probe_closes_or_reopens(storage: str | None) -> None:
+    breaker = make_breaker(storage, recovery_timeout_seconds=0.2, half_open_max_calls=2)
+    for _ in range(3):
+        fail(breaker)
+    time.sleep(0.3)
+    assert breaker.state == "half_open"
+    first, second = breaker.acquire(), breaker.acquire()
+    assert first.probe and second.probe
+    with pytest.raises(CircuitOpenError, match="half-open"):
+        breaker.acquire()  # exactly two probes
+    breaker.record_success(first)
+    assert breaker.state == "half_open"
+    breaker.record_success(second)
+    assert breaker.state == "closed" and breaker.failure_count == 0
+
+    for _ in range(3):
+        fail(breaker)
+    time.sleep(0.3)
+    fail(breaker)  # the probe fails
+    assert breaker.state == "open"
+
+
+def test_a_probe_whose_process_died_frees_its_slot_after_the_lease(storage: str | None) -> None:
+    breaker = make_breaker(storage, recovery_timeout_seconds=0.1, probe_lease_seconds=0.2)
+    for _ in range(3):
+        fail(breaker)
+    time.sleep(0.15)
+    breaker.acquire()  # taken, never returned (the process was killed)
+    with pytest.raises(CircuitOpenError):
+        breaker.acquire()
+    time.sleep(0.25)
+    assert breaker.acquire().probe
+
+
+def test_what_counts_as_a_failure() -> None:
+    request = SimpleNamespace(method="POST", url="http://x")
+    response = lambda status: SimpleNamespace(status_code=status, headers={}, request=request)  # noqa: E731
+    bad_file = openai.BadRequestError("bad file", response=response(400), body=None)  # type: ignore[arg-type]
+    assert not is_breaker_failure(bad_file)
+    assert is_breaker_failure(openai.RateLimitError("slow down", response=response(429), body=None))  # type: ignore[arg-type]
+    assert is_breaker_failure(openai.InternalServerError("oops", response=response(503), body=None))  # type: ignore[arg-type]
+    assert is_breaker_failure(openai.APITimeoutError(request=request))  # type: ignore[arg-type]
+    assert is_breaker_failure(ConnectionRefusedError())
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE
+
+    assert is_breaker_failure(MlflowException("API request failed", error_code=INTERNAL_ERROR))
+    assert is_breaker_failure(MlflowException("503", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_breaker_failure(MlflowException("exists", error_code=RESOURCE_ALREADY_EXISTS))
+
+    breaker = make_breaker(REDIS_URL)
+    for _ in range(5):
+        fail(breaker, bad_file)
+    assert breaker.state == "closed" and breaker.failure_count == 0
+
+
+def test_listeners_hear_transitions_failures_and_successes() -> None:
+    events: list[tuple] = []
+
+    class Recorder(BreakerListener):
+        def state_change(self, cb: CircuitBreaker, old_state: str, new_state: str) -> None:
+            events.append(("state", old_state, new_state))
+
+        def failure(self, cb: CircuitBreaker, exc: BaseException) -> None:
+            events.append(("failure", type(exc).__name__))
+
+        def success(self, cb: CircuitBreaker) -> None:
+            events.append(("success",))
+
+    breaker = make_breaker(REDIS_URL, recovery_timeout_seconds=0.1)
+    breaker.add_listener(Recorder())
+    breaker.call(lambda: None)
+    for _ in range(3):
+        fail(breaker)
+    time.sleep(0.15)
+    breaker.call(lambda: None)
+    assert events == [
+        ("success",), ("failure", "ConnectionError"), ("failure", "ConnectionError"),
+        ("failure", "ConnectionError"), ("state", "closed", "open"), ("state", "open", "half_open"),
+        ("success",), ("state", "half_open", "closed"),
+    ]
+
+
+def test_every_key_has_a_ttl() -> None:
+    breaker = make_breaker(REDIS_URL)
+    fail(breaker)
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in breaker.keys:
+        assert client.pttl(key) > 0, key
+
+
+def test_get_breaker_interface_and_defaults() -> None:
+    config = load_config(env={})
+    assert BREAKER_NAMES == ("openai", "mlflow")
+    openai_breaker, mlflow_breaker = (get_breaker(name, config) for name in BREAKER_NAMES)
+    assert (openai_breaker.settings.failure_threshold, openai_breaker.settings.recovery_timeout_seconds) == (3, 120)
+    assert (mlflow_breaker.settings.failure_threshold, mlflow_breaker.settings.recovery_timeout_seconds) == (5, 60)
+    assert get_breaker("openai", config) is openai_breaker
+    assert openai_breaker.name == "openai" and isinstance(openai_breaker.failure_count, int)
+    with pytest.raises(ValueError, match="unknown circuit breaker 'redis'"):
+        get_breaker("redis", config)
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from fine_tuning.breakers import CircuitBreaker, CircuitOpenError
+    from fine_tuning.config import BreakerConfig
+    prefix, action = sys.argv[1], sys.argv[2]
+    breaker = CircuitBreaker("openai", BreakerConfig(**json.loads(sys.argv[3])), "redis://127.0.0.1:6379/0",
+                             key_prefix=prefix)
+    def boom():
+        raise ConnectionError("down")
+    if action == "fail-then-succeed":
+        for _ in range(int(sys.argv[4])):
+            for call in (boom, lambda: None):
+                try:
+                    breaker.call(call)
+                except (ConnectionError, CircuitOpenError):
+                    pass
+        print(json.dumps({"state": breaker.state}))
+    else:  # try to get a probe slot
+        try:
+            print(json.dumps({"probe": breaker.acquire().probe}))
+        except CircuitOpenError:
+            print(json.dumps({"probe": False}))
+    """
+)
+
+
+def run_children(prefix: str, action: str, config: dict, *extra: str, count: int = 1) -> list[dict]:
+    processes = [
+        subprocess.Popen([sys.executable, "-c", CHILD, prefix, action, json.dumps(config), *extra],
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    return [json.loads(p.communicate(timeout=60)[0].strip().splitlines()[-1]) for p in processes]
+
+
+def test_two_processes_share_one_breaker() -> None:
+    """Failures interleaved with successes in two processes open the one shared breaker, and
+    once it is half-open, exactly one probe is admitted among eight processes."""
+    prefix = f"test:{uuid.uuid4().hex[:10]}:b"
+    config = {"failure_threshold": 3, "minimum_calls": 10, "recovery_timeout_seconds": 1.0, "half_open_max_calls": 1}
+    here = CircuitBreaker("openai", BreakerConfig(**config), REDIS_URL, key_prefix=prefix)
+    # Two processes, each alternating fail/success 3 times: 12 calls, half failed.
+    results = run_children(prefix, "fail-then-succeed", config, "3", count=2)
+    assert here.state == "open", results
+    assert here.snapshot().openings == 1  # one opening for the cluster, not one per process
+
+    time.sleep(1.1)
+    probes = run_children(prefix, "probe", config, count=8)
+    assert sum(result["probe"] for result in probes) == 1, probes
+
+
+def test_redis_down_falls_back_to_per_process_state_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    breaker = make_breaker(DEAD_REDIS_URL)
+    with caplog.at_level(logging.WARNING, logger="fine_tuning.breakers"):
+        assert breaker.call(lambda: "still works") == "still works"
+        fail(breaker)
+        fail(breaker)
+        fail(breaker)
+        snapshot = breaker.snapshot()
+    assert snapshot.state == "open" and not snapshot.shared and not breaker.shared
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 1, [r.getMessage() for r in caplog.records]
+
+
+# ------------------------------------------------------------------------------- the plugin
+
+
+def step_context(params: dict | None = None) -> dict:
+    dag_run = SimpleNamespace(dag_id="weekly_fine_tuning", run_id="manual__breaker", run_after=datetime(2026, 11, 22, tzinfo=UTC))
+    return {"params": params or {}, "dag_run": dag_run, "data_interval_end": None}
+
+
+def open_breaker(name: str = "openai") -> CircuitBreaker:
+    breaker = get_breaker(name, load_config())  # the environment's key prefix, as the operator sees it
+    for _ in range(breaker.settings.failure_threshold):
+        fail(breaker)
+    assert breaker.state == "open"
+    return breaker
+
+
+def test_operator_fails_fast_and_retries_after_the_open_time(openai_env) -> None:
+    breaker = open_breaker()
+    operator = FineTuningStepOperator(task_id="train", step="train", retry_delay=timedelta(seconds=30))
+    with pytest.raises(CircuitOpenError, match=r"circuit 'openai' open until \d\d:\d\d:\d\d UTC") as raised:
+        operator.execute(step_context())
+    assert openai_env.requests() == []  # no call was made
+
+    decision = operator.retry_policy.evaluate(raised.value, try_number=1, max_tries=3)
+    remaining = (breaker.opened_until - datetime.now(UTC)).total_seconds()
+    assert decision.action == RetryAction.RETRY
+    assert decision.retry_delay >= timedelta(seconds=remaining) and decision.retry_delay > timedelta(seconds=100)
+    assert "open until" in decision.reason
+
+    # A short open time never retries sooner than the task's own delay; other errors keep the default.
+    short = CircuitOpenError("openai", "open", datetime.now(UTC), 2.0, 3)
+    assert CircuitOpenRetryPolicy(min_delay=timedelta(seconds=30)).evaluate(short, 1, 3).retry_delay == timedelta(seconds=30)
+    assert operator.retry_policy.evaluate(ValueError("x"), 1, 3).action == RetryAction.DEFAULT
+
+
+def test_register_does_not_fail_fast_on_an_open_mlflow_breaker() -> None:
+    assert FineTuningStepOperator(task_id="register", step="register").breakers_for_task() == ()
+    assert WaitForFineTuningJobOperator(task_id="wait", job_id="ftjob-1").breakers_for_task() == ("openai",)
+
+
+async def test_trigger_waits_out_an_open_breaker_then_finishes(openai_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openai import OpenAI
+
+    from fine_tuning_airflow.triggers import FineTuningJobTrigger
+
+    monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps(
+        {"conn_type": "generic", "host": openai_env.base_url, "password": "sk-conn-key"}))
+    client = OpenAI(base_url=openai_env.base_url, api_key="sk-test")
+    lines = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}) + "\n" for i in range(12))
+    file = client.files.create(file=("d.jsonl", lines.encode()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="gpt-3.5-turbo-0125", training_file=file.id)
+
+    monkeypatch.setenv("FINE_TUNING_CONFIG_FILE", str(_short_open_config(monkeypatch)))
+    breaker = open_breaker()
+    assert breaker.settings.recovery_timeout_seconds == 1.0
+    polls_before = len(openai_env.requests("GET", f"/v1/fine_tuning/jobs/{job.id}"))
+    event = await FineTuningJobTrigger(job_id=job.id, poll_interval=0.1).run().__anext__()
+    assert event.payload["status"] == "success"
+    assert breaker.state == "closed"  # the first poll after the open time was the probe, and it closed it
+    assert len(openai_env.requests("GET", f"/v1/fine_tuning/jobs/{job.id}")) > polls_before
+
+
+def _short_open_config(monkeypatch: pytest.MonkeyPatch):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "training_config.json"
+    path.write_text(json.dumps({"breakers": {"openai": {"recovery_timeout_seconds": 1.0}}}))
+    return path

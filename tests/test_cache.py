@@ -1,0 +1,94 @@
+"""The metrics cache on a real Redis and PostgreSQL: TTL, hit/miss counts, Redis down falls through."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import airflow.sdk  # noqa: F401 - importing Airflow puts plugins/ on sys.path
+import psycopg
+import pytest
+import redis
+
+from fine_tuning.cache import MetricsCache
+from fine_tuning.config import load_config
+from fine_tuning_airflow.cache_hook import CachedMetricsHook
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+AGGREGATE = "SELECT arm, count(*) AS posts, avg(engagement)::float AS rate FROM arm_posts GROUP BY arm ORDER BY arm"
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:10]}:cache"
+
+
+@pytest.fixture
+def arm_table(pg_url: str) -> str:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE arm_posts (arm text, engagement double precision)")
+        conn.execute("INSERT INTO arm_posts VALUES ('baseline', 0.05), ('baseline', 0.07), ('candidate', 0.09)")
+    return pg_url
+
+
+def test_a_value_is_computed_once_then_served_with_its_ttl(prefix: str) -> None:
+    cache = MetricsCache(REDIS_URL, ttl_seconds=300, key_prefix=prefix)
+    computed: list[int] = []
+
+    def compute() -> dict:
+        computed.append(1)
+        return {"baseline": 0.06, "candidate": 0.09}
+
+    assert cache.get_or_compute("ab-1", compute) == {"baseline": 0.06, "candidate": 0.09}
+    assert cache.get_or_compute("ab-1", compute) == {"baseline": 0.06, "candidate": 0.09}
+    assert cache.get_or_compute("ab-1", compute)["candidate"] == 0.09
+    assert len(computed) == 1
+    assert 290 < (cache.ttl("ab-1") or 0) <= 300
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.errors) == (2, 1, 0)
+    assert stats.hit_rate == pytest.approx(2 / 3)
+    assert (stats.shared_hits, stats.shared_misses) == (2, 1)  # counted in Redis for every worker
+    assert redis.Redis.from_url(REDIS_URL).ttl(f"{prefix}:stats") > 0
+
+    cache.invalidate("ab-1")
+    cache.get_or_compute("ab-1", compute)
+    assert len(computed) == 2
+
+
+def test_the_default_ttl_comes_from_the_config() -> None:
+    config = load_config(env={})
+    assert config.cache.ttl_seconds == 300
+    assert MetricsCache.from_config(config).ttl_seconds == 300
+
+
+def test_hook_caches_postgres_aggregates(arm_table: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", arm_table)
+    monkeypatch.setenv("REDIS_URL", REDIS_URL)
+    config = load_config(params={"cache": {"key_prefix": prefix}})
+    hook = CachedMetricsHook(config=config)
+    first = hook.get_records(AGGREGATE)
+    assert first == [
+        {"arm": "baseline", "posts": 2, "rate": pytest.approx(0.06)},
+        {"arm": "candidate", "posts": 1, "rate": pytest.approx(0.09)},
+    ]
+    with psycopg.connect(arm_table, autocommit=True) as conn:
+        conn.execute("INSERT INTO arm_posts VALUES ('candidate', 0.5)")
+    assert hook.get_records(AGGREGATE) == first  # served from Redis within the TTL
+    assert hook.get_records(AGGREGATE + " LIMIT 5")[1]["posts"] == 2  # another query is another key
+    stats = CachedMetricsHook(config=config).stats()  # hooks are stateless; the counts are not in them
+    assert (stats.shared_hits, stats.shared_misses) == (1, 2)
+
+
+def test_redis_down_falls_through_to_postgres(
+    arm_table: str, prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", arm_table)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/7")  # nothing listens there (own URL: own log-once)
+    hook = CachedMetricsHook(config=load_config(params={"cache": {"key_prefix": prefix}}))
+    with caplog.at_level(logging.WARNING):
+        rows = [hook.get_records(AGGREGATE) for _ in range(3)]
+    assert rows[0][0]["posts"] == 2 and rows[0] == rows[2]
+    stats = hook.stats()
+    assert (stats.hits, stats.misses) == (0, 3) and stats.errors >= 1 and stats.shared_hits is None
+    assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1

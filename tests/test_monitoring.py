@@ -1,0 +1,125 @@
+"""The monitoring files: promtool checks the alert rules, the mapping covers every metric, dashboards
+and rules name only series that the mapping or /metrics produce, helm-values carries the mapping."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fine_tuning import metrics
+
+REPO = Path(__file__).resolve().parents[1]
+MONITORING = REPO / "include" / "monitoring"
+MAPPINGS: list[dict] = yaml.safe_load((MONITORING / "statsd-mapping.yaml").read_text())["mappings"]
+
+promtool = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    promtool is None, reason="promtool not installed (`make promtool` installs Debian's prometheus package)"
+)
+
+
+def map_statsd(name: str) -> tuple[str, dict[str, str]] | None:
+    """statsd_exporter's glob matching: `*` is one dotted segment; $n fills names and labels."""
+    for mapping in MAPPINGS:
+        pattern = "^" + re.escape(mapping["match"]).replace(r"\*", "([^.]+)") + "$"
+        found = re.match(pattern, name)
+        if found:
+            def fill(text: str) -> str:
+                return re.sub(r"\$\{?(\d+)\}?", lambda m: found.group(int(m.group(1))), text)
+
+            return fill(mapping["name"]), {k: fill(str(v)) for k, v in mapping.get("labels", {}).items()}
+    return None
+
+
+def produced_series() -> set[str]:
+    """Every Prometheus name the mapping makes from our metrics and Airflow's, plus /metrics' own."""
+    from fine_tuning.health import BreakerStatus, ComponentCheck, HealthReport, prometheus_text
+
+    names: set[str] = set()
+    for spec in metrics.METRICS:
+        services = ("openai", "mlflow") if "service" in spec.labels else ("x",)
+        for service in services:
+            mapped = map_statsd("fine_tuning." + spec.statsd_name(**{label: service for label in spec.labels}))
+            assert mapped, spec
+            if spec.kind == "timer":
+                names |= {mapped[0] + suffix for suffix in ("_bucket", "_sum", "_count")}
+            else:
+                names.add(mapped[0])
+    for mapping in MAPPINGS:
+        if mapping["match"].startswith("airflow."):
+            names |= {mapping["name"]} | {mapping["name"] + s for s in ("_sum", "_count", "_bucket")}
+    report = HealthReport(
+        status="healthy", healthy=True, timestamp=1.0,
+        components={}, checks={c: ComponentCheck(status="healthy", required=True, latency_ms=1) for c in ("database",)},
+        breakers={b: BreakerStatus(state="closed", failure_count=0) for b in ("openai", "mlflow")},
+        connection_pools={"db_connections_active": 1, "db_connections_idle": 1, "db_connections_max": 9,
+                          "redis_connections_active": 1, "redis_connections_idle": 1},
+        performance_metrics={"memory_peak_mb": 1.0},
+    )
+    names |= {line.split("{")[0].split(" ")[0] for line in prometheus_text(report).splitlines() if line[:1] != "#"}
+    return names | {"up"}
+
+
+def test_every_metric_maps_to_its_prometheus_name_and_labels() -> None:
+    for spec in metrics.METRICS:
+        labels = {label: f"v{i}" for i, label in enumerate(spec.labels)}
+        mapped = map_statsd("fine_tuning." + spec.statsd_name(**labels))
+        assert mapped is not None, f"{spec.key} has no mapping"
+        assert mapped == (spec.prometheus.format(**labels), labels), spec
+
+
+def test_helm_values_carry_the_mapping() -> None:
+    values = yaml.safe_load((REPO / "helm-values.yaml").read_text())
+    assert values["statsd"]["enabled"] is True
+    assert values["statsd"]["extraMappings"] == MAPPINGS
+    assert {e["name"] for e in values["env"]} >= {"STATSD_HOST", "STATSD_PORT"}
+
+
+def _series_in(expr: str) -> set[str]:
+    return set(re.findall(r"\b((?:fine_tuning|airflow)_[a-z0-9_]+|up)\b(?!\s*\()", expr))
+
+
+def test_dashboards_and_rules_use_only_produced_series() -> None:
+    produced = produced_series()
+    dashboards = sorted((MONITORING / "dashboards").glob("*.json"))
+    assert {d.name for d in dashboards} == {"pipeline-performance.json", "business-kpis.json"}
+    used: dict[str, str] = {}
+    for path in dashboards:
+        board = json.loads(path.read_text())
+        assert board["uid"] and board["title"] and board["panels"]
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                used.update(dict.fromkeys(_series_in(target["expr"]), f"{path.name}: {panel['title']}"))
+    rules = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())
+    for rule in rules["groups"][0]["rules"]:
+        used.update(dict.fromkeys(_series_in(rule["expr"]), f"rule {rule['alert']}"))
+    unknown = {name: where for name, where in used.items() if name not in produced}
+    assert not unknown, unknown
+    # The design's business and pipeline metrics all have a panel.
+    for name in ("fine_tuning_model_engagement_rate", "fine_tuning_model_cost_per_token",
+                 "fine_tuning_ab_test_success_rate", "fine_tuning_pipeline_memory_peak_mb",
+                 "fine_tuning_openai_circuit_breaker_state", "fine_tuning_db_connections_active"):
+        assert name in used, name
+
+
+@needs_promtool
+def test_promtool_checks_the_rules() -> None:
+    result = subprocess.run([promtool, "check", "rules", "prometheus-rules.yaml"], cwd=MONITORING,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_unit_tests_the_rules() -> None:
+    result = subprocess.run([promtool, "test", "rules", "prometheus-rules.test.yaml"], cwd=MONITORING,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rules = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())["groups"][0]["rules"]
+    tested = (MONITORING / "prometheus-rules.test.yaml").read_text()
+    assert all(f"alertname: {rule['alert']}" in tested for rule in rules)
