@@ -205,3 +205,25 @@ def test_manual_rollback_needs_a_reason_and_is_recorded(config: PipelineConfig, 
     assert state["status"] == "rolled_back" and state["rollback_reason"] == "on-call: complaints about tone"
     with pytest.raises(rollout.UnknownDeployment):
         rollout.rollback(config, redis_client, "deploy-missing", "x", T0)
+
+
+def test_each_look_logs_a_plot_to_the_pipeline_runs_mlflow_run(
+    config: PipelineConfig, redis_client: redis.Redis, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from fine_tuning.registry import get_or_create_run
+
+    config.mlflow.tracking_uri = mlflow_uri
+    config.mlflow.experiment_name = "ab_plots"
+    url = config.services.database_url.get_secret_value()
+    test = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=T0,
+                             dag_id="weekly_fine_tuning", run_id="plot_run")
+    simulate_traffic(url, redis_client, model_type="body", default_model=BASE, behaviours={}, requests=600,
+                     start=T0, end=T0 + timedelta(hours=1))
+    result = ab.evaluate_ab_test(config, redis_client, test["id"], T0 + timedelta(hours=1))
+    path = result["analysis"]["plot"]
+    assert path == f"ab_tests/{test['id']}/evaluation.png"
+    run = get_or_create_run(config, "weekly_fine_tuning", "plot_run")
+    logged = [a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id, f"ab_tests/{test['id']}")]
+    assert logged == [path]

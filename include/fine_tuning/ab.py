@@ -280,6 +280,24 @@ def analyze_aggregates(
     )
 
 
+def _emit_metrics(config: PipelineConfig, ab_test_id: str, metrics: dict[str, dict[str, Any]], decision: str) -> None:
+    """Per-arm model metrics and the decision over StatsD (names defined in fine_tuning.metrics)."""
+    from fine_tuning.metrics import get_metrics
+
+    emitter = get_metrics(config)
+    for variant, arm in metrics.items():
+        if arm["engagement_rate"] is not None:
+            emitter.model_engagement_rate(arm["engagement_rate"], variant=variant)
+        if arm["cost_per_token"] is not None:
+            emitter.model_cost_per_token(arm["cost_per_token"], variant=variant)
+        if arm["quality_score"] is not None:
+            emitter.model_quality_score(arm["quality_score"], variant=variant)
+    if metrics["candidate"]["error_rate"] is not None:
+        # The candidate arm's success rate: the share of its requests that made a post.
+        emitter.ab_test_success_rate(1 - metrics["candidate"]["error_rate"], test_id=ab_test_id)
+    emitter.ab_test_decision(decision)
+
+
 def evaluate_ab_test(
     config: PipelineConfig, redis_client: redis.Redis | None, ab_test_id: str, now: datetime
 ) -> dict[str, Any]:
@@ -310,6 +328,14 @@ def evaluate_ab_test(
         p_running = analysis.p_value if analysis.method == "sequential" else test["min_sequential_p"]
     body["metrics"] = metrics
     body["evaluated_at"] = now.isoformat()
+    history = list((test["last_analysis"] or {}).get("history", []))
+    if analysis is not None:
+        history.append({"at": now.isoformat(), "lift": analysis.relative_lift,
+                        "ci_lower": analysis.ci_lower, "ci_upper": analysis.ci_upper, "p_value": analysis.p_value})
+    body["history"] = history
+    from fine_tuning.ab_plots import log_evaluation_plot
+
+    body["plot"] = log_evaluation_plot(config, test, aggregates, history)
     status = "running" if decision == "continue" else decision
     with db.connect(config.services.database_url.get_secret_value()) as conn:
         conn.execute(
@@ -320,6 +346,7 @@ def evaluate_ab_test(
             """,
             (p_running, json.dumps(body, default=str), status, status, now, ab_test_id),
         )
+    _emit_metrics(config, ab_test_id, metrics, decision)
     if decision == "reject" and redis_client is not None:
         set_routing(redis_client, test["model_type"], Routing(test["baseline_model"], None, 0.0, f"{ab_test_id}:rejected"))
     log.info("A/B test %s look %d: %s", ab_test_id, test["looks"] + 1, decision)

@@ -208,6 +208,11 @@ def summary(run_dir: Path | None, mlflow_uri: str) -> str:
             f"{evaluation['relative_lift']:+.1%} (always-valid CI {evaluation['ci_lower']:+.1%} .. "
             f"{evaluation['ci_upper']:+.1%}), p={evaluation['p_value']:.2g}, SRM p={evaluation['srm_p_value']:.2g}"
         )
+        if register:
+            lines.append(
+                f"A/B plot:          MLflow run {register['mlflow_run_id']}, artifact "
+                f"ab_tests/{evaluation['ab_test_id']}/evaluation.png"
+            )
     return "\n".join(lines)
 
 

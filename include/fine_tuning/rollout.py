@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from fine_tuning import ab, db
 from fine_tuning.config import PipelineConfig
+from fine_tuning.metrics import get_metrics
 from fine_tuning.routing import Routing, set_routing
 
 if TYPE_CHECKING:
     import redis
 
 log = logging.getLogger(__name__)
+
+ROLLBACK_TRIGGER_NAMES = ("engagement_rate_drop", "error_rate", "p95_response_time")
 
 
 class DeploymentRefused(RuntimeError):
@@ -113,6 +116,7 @@ def deploy(
     set_routing(
         redis_client, test["model_type"], Routing(test["baseline_model"], test["candidate_model"], traffic, deployment_id)
     )
+    get_metrics(config).rollout_traffic_share(traffic)
     if traffic >= rollout.max_traffic:
         _complete(config, redis_client, get_deployment(config, deployment_id), now)
     return get_deployment(config, deployment_id)
@@ -172,6 +176,7 @@ def watch(config: PipelineConfig, redis_client: redis.Redis, deployment_id: str,
         redis_client, record["model_type"],
         Routing(record["previous_model"], record["candidate_model"], traffic, deployment_id),
     )
+    get_metrics(config).rollout_traffic_share(traffic)
     log.info("deployment %s advanced to %.0f%%", deployment_id, traffic * 100)
     if traffic >= rollout["max_traffic"]:
         _complete(config, redis_client, get_deployment(config, deployment_id), now)
@@ -228,5 +233,8 @@ def rollback(
         from fine_tuning.registry import demote_candidate
 
         demote_candidate(config, record["candidate_version"], reason)
+    fired = [name for name in ROLLBACK_TRIGGER_NAMES if name in reason]
+    get_metrics(config).rollback(fired[0] if fired else "manual")
+    get_metrics(config).rollout_traffic_share(0.0)
     log.warning("deployment %s rolled back in %.3f s: %s", deployment_id, trigger_to_switch, reason)
     return get_deployment(config, deployment_id)
