@@ -153,8 +153,11 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
         from fine_tuning import steps
         from openai.types.fine_tuning import FineTuningJob
 
+        from fine_tuning.metrics import get_metrics
+
         result = steps.job_result(FineTuningJob.model_validate(job))
         config = resolve_config(context, self.openai_conn_id)
+        get_metrics(config).training_job_finished(result)
         directory = steps.run_dir(config, run_context(context))
         if directory.exists():  # local mode: keep the manifest beside the others
             from fine_tuning.manifests import write_manifest
