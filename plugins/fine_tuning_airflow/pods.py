@@ -78,6 +78,9 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
             "FINE_TUNING_CONFIG_FILE": f"{CONFIG_MOUNT}/training_config.json",
             "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow.monitoring:5000"),
             "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+            # The chart's statsd_exporter (release "airflow"), where the steps' metrics go too.
+            "STATSD_HOST": os.environ.get("STATSD_HOST", "airflow-statsd"),
+            "STATSD_PORT": os.environ.get("STATSD_PORT", "9125"),
         },
         secrets=[Secret("env", env_name, settings["secret"], key) for env_name, key in SECRET_ENV],
         container_resources=k8s.V1ResourceRequirements(
