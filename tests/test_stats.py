@@ -213,3 +213,20 @@ def test_offline_cli_bad_input(payload: dict, field: str) -> None:
     result = run_cli(payload)
     assert result.returncode == 2
     assert field in result.stderr
+
+
+def test_sequential_guardrails_do_not_false_alarm_under_peeking() -> None:
+    """Same quality in both arms, looked at 24 times: the always-valid harm test stays quiet."""
+    rng = np.random.default_rng(21)
+    alarms = 0
+    for _ in range(300):
+        b_all, c_all = rng.normal(0.78, 0.08, 12_000), rng.normal(0.78, 0.08, 5_000)
+        for look in range(1, 25):
+            b, c = b_all[: 500 * look], c_all[: 208 * look]
+            guardrail = stats.guardrail_mean("quality_score", summary(b), summary(c), 0.05, higher_is_worse=False)
+            guardrail.make_sequential()
+            stats.apply_holm([guardrail], 0.05)
+            if guardrail.status == "violated":
+                alarms += 1
+                break
+    assert alarms / 300 <= 0.05

@@ -78,9 +78,22 @@ class Guardrail:
     margin: float
     p_non_inferior: float
     p_harm: float
+    # How much worse the candidate is (positive = worse) and its standard error: what the
+    # sequential versions of both tests are computed from.
+    worse_by: float = 0.0
+    std_error: float = 0.0
     p_non_inferior_holm: float = 1.0
     p_harm_holm: float = 1.0
     status: Literal["pass", "violated", "inconclusive"] = "inconclusive"
+
+    def make_sequential(self) -> None:
+        """Replace both p-values with always-valid ones (mSPRT), so that looking every hour at
+        the guardrails does not inflate false alarms any more than it does for the lift."""
+        variance, tau2 = self.std_error**2, max(self.margin, 1e-12) ** 2
+        self.p_harm = msprt_p_value(self.worse_by, variance, tau2) if self.worse_by > 0 else 1.0
+        self.p_non_inferior = (
+            msprt_p_value(self.worse_by - self.margin, variance, tau2) if self.worse_by < self.margin else 1.0
+        )
 
 
 @dataclass
@@ -218,7 +231,11 @@ def guardrail_mean(
     shifted = ArmSummary(candidate.n, candidate.mean - sign * margin, candidate.variance)
     _, p_non_inferior = welch(baseline, shifted, alternative="less" if higher_is_worse else "greater")
     _, p_harm = welch(baseline, candidate, alternative="greater" if higher_is_worse else "less")
-    return Guardrail(name, baseline.mean, candidate.mean, margin, p_non_inferior, p_harm)
+    return Guardrail(
+        name, baseline.mean, candidate.mean, margin, p_non_inferior, p_harm,
+        worse_by=sign * (candidate.mean - baseline.mean),
+        std_error=math.sqrt(candidate.variance / candidate.n + baseline.variance / baseline.n),
+    )
 
 
 def guardrail_proportion(
@@ -236,8 +253,11 @@ def guardrail_proportion(
             ).pvalue
         )
 
+    rate_b, rate_c = errors_b / n_b, errors_c / n_c
     return Guardrail(
-        name, errors_b / n_b, errors_c / n_c, absolute_margin, p(absolute_margin, "smaller"), p(0.0, "larger")
+        name, rate_b, rate_c, absolute_margin, p(absolute_margin, "smaller"), p(0.0, "larger"),
+        worse_by=rate_c - rate_b,
+        std_error=math.sqrt(rate_c * (1 - rate_c) / n_c + rate_b * (1 - rate_b) / n_b),
     )
 
 
@@ -292,6 +312,9 @@ def analyze(
         # Lower cost per token is better: the gain is minus the relative change.
         cost_gain = Estimate(-change.value, -change.ci_upper, -change.ci_lower, change.std_error)
     guardrails = guardrails or []
+    if method == "sequential":
+        for guardrail in guardrails:
+            guardrail.make_sequential()
     apply_holm(guardrails, alpha)
 
     significant = p_value < alpha
