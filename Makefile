@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv promtool demo test serve bench soak lint clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-selfhosted.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	# The selfhosted provider's extra (torch CPU 2.13.0, transformers, peft, trl): its tests train.
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-selfhosted.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(PY) -m pip check
 	touch $(STAMP)

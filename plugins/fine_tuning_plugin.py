@@ -1,9 +1,12 @@
-"""Registers the fine-tuning pipeline's plugin with Airflow."""
+"""Registers the fine-tuning pipeline's plugin with Airflow: its REST API under ``/pipeline``."""
 
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
+from fine_tuning_airflow.api import fastapi_app
 
 
 class FineTuningPipelinePlugin(AirflowPlugin):
     name = "fine_tuning_pipeline"
+    # Served by the Airflow API server next to /api/v2; the app puts auth on its own routes.
+    fastapi_apps = [fastapi_app]

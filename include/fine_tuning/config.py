@@ -70,8 +70,62 @@ class DataCollectionConfig(_Section):
     body_prompt: str = Field("{hook}\n\nWrite a detailed post:", min_length=1)
 
 
+class AzureOpenAIConfig(_Section):
+    """``training.provider = "azure_openai"``: the same job contract through ``AzureOpenAI``."""
+
+    # https://<resource>.openai.azure.com (the client adds /openai/...?api-version=).
+    endpoint: str | None = None
+    api_version: str = Field("2024-10-21", min_length=1)
+    # Airflow connection with the key in ``password`` (and optionally the endpoint in ``host``);
+    # without it, AZURE_OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT.
+    conn_id: str = Field("azure_openai_default", min_length=1)
+    api_key: SecretStr | None = None
+    # The deployment that serves the fine-tuned model (made with Azure's management API after
+    # the job); when set it is the model reference the A/B routing calls.
+    deployment_name: str | None = None
+
+
+class SelfHostedConfig(_Section):
+    """``training.provider = "selfhosted"``: LoRA SFT of an open-weights model (transformers+peft+trl)."""
+
+    # A local directory (a volume in kubernetes) with the base model and its tokenizer: never a
+    # hub download at run time.
+    base_model_path: str | None = None
+    # Where jobs keep status, adapter and metrics; relative paths are under ``data_dir``.
+    output_dir: str = "_selfhosted"
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # -1: train ``epochs`` epochs; otherwise stop after this many optimizer steps.
+    max_steps: int = Field(-1, ge=-1)
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1, le=1024)
+    max_length: int = Field(1024, ge=16)
+    seed: int = 42
+    # Own GPUs cost nothing per token for the cost guard unless a price is set.
+    price_per_million_tokens: float = Field(0.0, ge=0)
+    # Kubernetes mode: the train pod's GPU, placement and base-model volume.
+    gpu_resource: str = Field("nvidia.com/gpu", min_length=1)
+    gpu_count: int = Field(1, ge=0)
+    cpu: str = "8"
+    memory: str = "32Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    base_model_pvc: str = Field("base-models", min_length=1)
+    base_model_mount: str = Field("/models", min_length=1)
+    # The trainer image (Dockerfile target ``trainer``); None: FINE_TUNING_TRAINER_IMAGE or the step image.
+    trainer_image: str | None = None
+    # A vLLM OpenAI-compatible server that loads the adapter (``POST /v1/load_lora_adapter``).
+    serving_base_url: str | None = None
+    # The directory of the adapters as the vLLM server sees it (a shared volume).
+    serving_adapter_root: str | None = None
+
+
 class TrainingConfig(_Section):
-    provider: Literal["openai"] = "openai"
+    provider: Literal["openai", "azure_openai", "selfhosted"] = "openai"
+    azure: AzureOpenAIConfig = Field(default_factory=AzureOpenAIConfig)
+    selfhosted: SelfHostedConfig = Field(default_factory=SelfHostedConfig)
     base_model: str = Field("gpt-3.5-turbo-0125", min_length=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     suffix: str = Field("weekly", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
@@ -300,6 +354,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "chunk_size": ("data_collection", "chunk_size"),
     "max_records": ("data_collection", "max_records"),
     "base_model": ("training", "base_model"),
+    "training_provider": ("training", "provider"),
     "n_epochs": ("training", "hyperparameters", "n_epochs"),
     "batch_size": ("training", "hyperparameters", "batch_size"),
     "learning_rate_multiplier": ("training", "hyperparameters", "learning_rate_multiplier"),
@@ -334,6 +389,10 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "REDIS_URL": ("services", "redis_url"),
     "OPENAI_API_KEY": ("services", "openai_api_key"),
     "OPENAI_BASE_URL": ("services", "openai_base_url"),
+    "FINE_TUNING_TRAINING_PROVIDER": ("training", "provider"),
+    "AZURE_OPENAI_API_KEY": ("training", "azure", "api_key"),
+    "AZURE_OPENAI_ENDPOINT": ("training", "azure", "endpoint"),
+    "FINE_TUNING_BASE_MODEL_PATH": ("training", "selfhosted", "base_model_path"),
     "MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"),
     "MLFLOW_EXPERIMENT_NAME": ("mlflow", "experiment_name"),
     "STATSD_HOST": ("monitoring", "statsd_host"),

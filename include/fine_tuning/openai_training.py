@@ -45,6 +45,10 @@ def make_client(config: PipelineConfig, *, max_retries: int | None = None) -> Op
     """An official client for the configured endpoint (the emulator differs only by base URL)."""
     from openai import OpenAI
 
+    if config.training.provider == "azure_openai":  # the same contract, Azure's URLs and key
+        from fine_tuning.providers.azure_openai import make_azure_client
+
+        return make_azure_client(config, max_retries=max_retries)
     api_key = config.services.openai_api_key
     if api_key is None:
         raise TrainingRefusedError(

@@ -185,6 +185,8 @@ def register_candidate(
         "model_name": config.mlflow.registered_model_name,
         "alias": config.mlflow.candidate_alias,
         "manifest_path": None if manifest_path is None else str(manifest_path),
+        # Self-hosted training leaves the model with us: the adapter and its metrics go to MLflow.
+        "artifacts": _provider_artifacts(config, training, result),
     }
     key = f"{pipeline_run_key(collect.dag_id, collect.run_id)}/{result.job_id}"
     outcome = submit(config, "register_candidate", key, payload)
@@ -263,6 +265,8 @@ def _apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict
         f"{MODEL_ARTIFACT_PATH}/model.json",
     )
 
+    if payload.get("artifacts"):
+        _log_training_artifacts(client, mlflow_run_id, payload["artifacts"])
     version = _get_or_create_version(model_name, client, mlflow_run_id, training, result)
     client.set_registered_model_alias(model_name, alias, version)
     client.set_terminated(mlflow_run_id, "FINISHED")
@@ -281,6 +285,48 @@ def _apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict
     if payload.get("manifest_path"):  # a replay brings the step's manifest up to date
         write_manifest(manifest, payload["manifest_path"])
     return manifest.model_dump(mode="json")
+
+
+def _provider_artifacts(config: PipelineConfig, training: TrainingManifest, result: JobResult) -> dict[str, Any]:
+    """What the provider left to log (``selfhosted``: adapter folder and training metrics)."""
+    from fine_tuning.providers import JobStatus, get_provider
+
+    if training.provider != "selfhosted":  # hosted providers keep the model; nothing to upload
+        return {}
+    provider = get_provider(config, training.provider)
+    return provider.artifacts(JobStatus(job_id=result.job_id, status=result.status))
+
+
+def _log_training_artifacts(client: MlflowClient, mlflow_run_id: str, artifacts: dict[str, Any]) -> None:
+    """The adapter (safetensors) under the model's artifact path; loss per step and totals as metrics.
+
+    Idempotent on a replay: the loss history is logged only when the run has none yet, and
+    re-uploading the same adapter files overwrites them with themselves.
+    """
+    import time
+
+    from mlflow.entities import Metric
+
+    adapter_dir = artifacts.get("adapter_dir")
+    if adapter_dir and Path(adapter_dir).is_dir():
+        client.log_artifacts(mlflow_run_id, adapter_dir, f"{MODEL_ARTIFACT_PATH}/adapter")
+    metrics = artifacts.get("metrics") or {}
+    if not metrics:
+        return
+    client.log_dict(mlflow_run_id, metrics, "training/metrics.json")
+    if "train_loss" not in client.get_run(mlflow_run_id).data.metrics:
+        now = int(time.time() * 1000)
+        history = [Metric("train_loss", float(p["loss"]), now, int(p["step"])) for p in metrics.get("loss_history", [])]
+        for start in range(0, len(history), 1000):
+            client.log_batch(mlflow_run_id, metrics=history[start : start + 1000])
+    totals = {
+        k: float(v)
+        for k, v in metrics.items()
+        if k in ("trained_tokens", "train_seconds", "tokens_per_second", "peak_rss_mb", "adapter_bytes",
+                 "trainable_parameters", "steps", "train_loss_first", "train_loss_last")
+        and v is not None
+    }
+    _log_batch(client, mlflow_run_id, {}, totals)
 
 
 def _get_or_create_version(

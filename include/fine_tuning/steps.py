@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fine_tuning import ab_steps, metrics
 from fine_tuning.config import PipelineConfig
@@ -27,6 +28,9 @@ from fine_tuning.manifests import (
     idempotency_key,
     write_manifest,
 )
+
+if TYPE_CHECKING:
+    from fine_tuning.providers import JobStatus as JobStatusLike
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +80,14 @@ def collect(config: PipelineConfig, ctx: RunContext) -> CollectManifest:
 @metrics.timed_step("upload")
 def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) -> UploadManifest:
     """Check the cost guard, then upload the dataset once (found again by its key on a retry)."""
-    from fine_tuning import openai_training, registry, tokens
+    from fine_tuning import registry
+    from fine_tuning.providers import get_provider
 
     if collected.dataset_path is None or collected.sha256 is None:
         raise ValueError(f"collect manifest of {ctx.run_id} has no dataset (status {collected.status})")
-    epochs = tokens.estimate_epochs(collected.examples_written, config.training.hyperparameters.n_epochs)
-    cost = tokens.estimate_training_cost(collected.tokens, epochs, config.training.price_per_million())
+    provider = get_provider(config)
+    estimate = provider.estimate_cost(collected.tokens, collected.examples_written)
+    epochs, cost = estimate.epochs, estimate.cost_usd
     metrics.get_metrics(config).training_cost_estimated(cost)
     registry.log_cost_estimate(
         config, ctx.dag_id, ctx.run_id, tokens=collected.tokens, epochs=epochs, cost_usd=cost
@@ -90,7 +96,7 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
         "cost estimate: %d tokens x %d epochs x $%.2f/1M = $%.2f (limit $%.2f)",
         collected.tokens,
         epochs,
-        config.training.price_per_million(),
+        estimate.price_per_million_tokens,
         cost,
         config.training.max_training_cost_usd,
     )
@@ -104,9 +110,9 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
     dataset = Path(collected.dataset_path)
     if not dataset.exists() or _sha256(dataset) != collected.sha256:
         raise ValueError(f"dataset {dataset} is missing or does not match sha256 {collected.sha256}")
-    file_id, reused = openai_training.upload_file(config, dataset, key)
+    file_id, reused = provider.upload(provider.prepare_dataset(dataset), key)
     manifest = UploadManifest(
-        provider=PROVIDER,
+        provider=provider.name,
         idempotency_key=key,
         dataset_sha256=collected.sha256,
         file_id=file_id,
@@ -122,16 +128,18 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
 
 @metrics.timed_step("train")
 def train(config: PipelineConfig, ctx: RunContext, uploaded: UploadManifest) -> TrainingManifest:
-    """Start the fine-tuning job once per (dag_id, run_id, dataset sha256)."""
+    """Start the fine-tuning job once per (dag_id, run_id, dataset sha256), with the provider
+    that uploaded the dataset."""
     from fine_tuning import openai_training
+    from fine_tuning.providers import get_provider
 
     metadata = openai_training.job_metadata(
         uploaded.idempotency_key, ctx.dag_id, ctx.run_id, uploaded.dataset_sha256
     )
-    job, reused = openai_training.start_job(config, uploaded.file_id, metadata)
+    job_id, reused = get_provider(config, uploaded.provider).submit(uploaded.file_id, metadata)
     metrics.get_metrics(config).training_job_started(reused)
     manifest = TrainingManifest(
-        **uploaded.model_dump(), job_id=job.id, suffix=config.training.suffix, reused_job=reused
+        **uploaded.model_dump(), job_id=job_id, suffix=config.training.suffix, reused_job=reused
     )
     _save(config, ctx, "train", manifest)
     return manifest
@@ -154,23 +162,39 @@ def job_result(job: object) -> JobResult:
     )
 
 
+def status_result(provider: str, status: JobStatusLike, model_reference: str | None) -> JobResult:
+    """The terminal state of any provider's job (see ``fine_tuning.providers.JobStatus``) as a manifest."""
+    return JobResult(
+        provider=provider,
+        job_id=status.job_id,
+        status=status.status,  # type: ignore[arg-type]
+        fine_tuned_model=model_reference if status.status == "succeeded" else None,
+        trained_tokens=status.trained_tokens,
+        error=None if status.status == "succeeded" else (status.error or f"job {status.job_id} {status.status}"),
+        created_at=status.created_at,
+        finished_at=status.finished_at,
+    )
+
+
 @metrics.timed_step("wait")
 def wait(config: PipelineConfig, ctx: RunContext, training: TrainingManifest) -> JobResult:
     """Poll the job until it ends (the CLI's blocking wait; in Airflow a trigger does this)."""
-    from fine_tuning.openai_training import TERMINAL_STATES, FineTuningJobFailed, retrieve_job
+    from fine_tuning.openai_training import FineTuningJobFailed
+    from fine_tuning.providers import get_provider
 
+    provider = get_provider(config, training.provider)
     deadline = time.monotonic() + config.training.timeout_seconds
     while True:
-        job = retrieve_job(config, training.job_id)
-        if job.status in TERMINAL_STATES:
+        status = provider.status(training.job_id)
+        if status.terminal:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"fine-tuning job {training.job_id} still {job.status} after "
+                f"fine-tuning job {training.job_id} still {status.status} after "
                 f"training.timeout_seconds={config.training.timeout_seconds}"
             )
         time.sleep(config.training.poll_interval_seconds)
-    result = job_result(job)
+    result = status_result(provider.name, status, provider.model_reference(status))
     metrics.get_metrics(config).training_job_finished(result)
     _save(config, ctx, "wait", result)
     if result.status != "succeeded":

@@ -34,6 +34,8 @@ from openai_emulator.store import FILE_PURPOSES, Store, paginate
 log = logging.getLogger("openai_emulator")
 
 API_PREFIX = "/v1"
+# Azure OpenAI's URL shape: the same API under /openai, with ?api-version= and an api-key header.
+AZURE_PREFIX = "/openai"
 ADMIN_PREFIX = "/_emulator"
 _TYPE_TAGS = {"int", "float", "str", "bool", "none", "dict", "list", "function-after", "lax-or-strict"}
 
@@ -100,6 +102,27 @@ def _auth_error(header: str | None, settings: Settings) -> APIError | None:
         401,
         f"Incorrect API key provided: {_mask(key)}. The emulator accepts {expected}.",
         code="invalid_api_key",
+    )
+
+
+def _azure_error(request: Request, settings: Settings) -> APIError | None:
+    """Azure's checks: an ``api-version`` query parameter, and an ``api-key`` header (or an Entra
+    ID ``Authorization: Bearer`` token). The emulator accepts any non-empty key, or exactly
+    ``--api-key``."""
+    if not request.query_params.get("api-version"):
+        # What Azure answers for a data-plane call without api-version.
+        return APIError(404, "Resource not found", code="404")
+    key = request.headers.get("api-key")
+    if key is None:
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else None
+    if key and (settings.api_key is None or key == settings.api_key):
+        return None
+    return APIError(
+        401,
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
+        "a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+        code="401",
     )
 
 
@@ -176,6 +199,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def gateway(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
+        azure = path.startswith(AZURE_PREFIX + "/")
+        if azure:  # served by the /v1 routes: same store, same faults (matched on the /v1 path)
+            path = API_PREFIX + path[len(AZURE_PREFIX):]
+            request.scope["path"] = path
+            request.scope["raw_path"] = path.encode()
         if not path.startswith(API_PREFIX + "/") and path != API_PREFIX:
             return await call_next(request)
         started = time.monotonic()
@@ -186,8 +214,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "retry_count": request.headers.get("x-stainless-retry-count"),
             "at": store.now(),
             "fault": None,
+            "azure": azure,
         }
-        auth_error = _auth_error(request.headers.get("authorization"), settings)
+        if azure:
+            auth_error = _azure_error(request, settings)
+        else:
+            auth_error = _auth_error(request.headers.get("authorization"), settings)
         if auth_error is not None:
             response = auth_error.response()
         else:

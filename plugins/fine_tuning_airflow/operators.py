@@ -111,30 +111,47 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
 
     breaker_names = ("openai",)
 
-    template_fields: Sequence[str] = ("job_id",)
+    template_fields: Sequence[str] = ("job_id", "provider")
     ui_color = "#fff3d6"
 
-    def __init__(self, *, job_id: str, openai_conn_id: str = "openai_default", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        openai_conn_id: str = "openai_default",
+        provider: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.job_id = job_id
         self.openai_conn_id = openai_conn_id
+        # None: the run's ``training.provider`` (the DAG's shape does not name a provider).
+        self.provider = provider
 
     def pipeline_config(self, context: Context) -> PipelineConfig:
         return resolve_config(context, self.openai_conn_id)
 
     def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any] | None:
         from fine_tuning.openai_training import TERMINAL_STATES, retrieve_job
+        from fine_tuning.providers import get_provider
 
         from fine_tuning_airflow.triggers import FineTuningJobTrigger
 
-        job = retrieve_job(config, self.job_id)
-        if job.status in TERMINAL_STATES:  # a retry after the job ended needs no trigger
-            return self._finish(context, job.model_dump(mode="json"))
+        provider_name = self.provider or config.training.provider
+        if provider_name == "openai":
+            job = retrieve_job(config, self.job_id)
+            if job.status in TERMINAL_STATES:  # a retry after the job ended needs no trigger
+                return self._finish(context, job.model_dump(mode="json"))
+        else:
+            status = get_provider(config, provider_name).status(self.job_id)
+            if status.terminal:
+                return self._finish_status(context, provider_name, status.as_dict())
         self.defer(
             trigger=FineTuningJobTrigger(
                 job_id=self.job_id,
                 openai_conn_id=self.openai_conn_id,
                 poll_interval=config.training.poll_interval_seconds,
+                provider=provider_name,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=config.training.timeout_seconds),
@@ -144,19 +161,37 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowException
 
+        if event.get("status") == "success" and "result" in event:  # a provider other than OpenAI
+            return self._finish_status(context, event["provider"], event["result"])
         if event.get("status") != "success" or "job" not in event:
             raise AirflowException(event.get("message") or f"fine-tuning job {self.job_id}: {event}")
         return self._finish(context, event["job"])
 
+    def _finish_status(self, context: Context, provider_name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """The manifest of a provider-neutral terminal status (``JobStatus.as_dict()``)."""
+        from fine_tuning import steps
+        from fine_tuning.providers import JobStatus, get_provider
+
+        config = resolve_config(context, self.openai_conn_id)
+        job_status = JobStatus.from_dict(status)
+        provider = get_provider(config, provider_name)
+        result = steps.status_result(provider_name, job_status, provider.model_reference(job_status))
+        return self._write_result(context, config, result)
+
     def _finish(self, context: Context, job: dict[str, Any]) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowException
         from fine_tuning import steps
         from openai.types.fine_tuning import FineTuningJob
 
-        from fine_tuning.metrics import get_metrics
-
         result = steps.job_result(FineTuningJob.model_validate(job))
         config = resolve_config(context, self.openai_conn_id)
+        return self._write_result(context, config, result)
+
+    def _write_result(self, context: Context, config: PipelineConfig, result: Any) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowException
+        from fine_tuning import steps
+
+        from fine_tuning.metrics import get_metrics
+
         get_metrics(config).training_job_finished(result)
         directory = steps.run_dir(config, run_context(context))
         if directory.exists():  # local mode: keep the manifest beside the others
@@ -170,12 +205,12 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
 
     def on_kill(self) -> None:
         from fine_tuning.config import load_config
-        from fine_tuning.openai_training import cancel_job
+        from fine_tuning.providers import get_provider
 
         from fine_tuning_airflow.hooks import OpenAIFineTuningHook
 
         config = OpenAIFineTuningHook(self.openai_conn_id).apply_to(load_config())
-        status = cancel_job(config, self.job_id)
+        status = get_provider(config, self.provider).cancel(self.job_id)
         self.log.info("on_kill: fine-tuning job %s is now %s", self.job_id, status)
 
 

@@ -57,6 +57,51 @@ def step_arguments(step: str) -> list[str]:
     return arguments
 
 
+def selfhosted_training() -> Any | None:
+    """``training.selfhosted`` when the configured provider is ``selfhosted``, else None.
+
+    Read at parse time from the config file and environment (local files only, no network),
+    because the train pod's shape (GPU, node, base model volume) depends on it.
+    """
+    from fine_tuning.config import ConfigError, load_config
+
+    try:
+        training = load_config().training
+    except (ConfigError, OSError):
+        return None
+    return training.selfhosted if training.provider == "selfhosted" else None
+
+
+def selfhosted_train_overrides(settings: Any, image: str) -> dict[str, Any]:
+    """The train pod of the ``selfhosted`` provider: a GPU node, the base model volume, the trainer image.
+
+    The pod runs the same step CLI; ``FINE_TUNING_SELFHOSTED_FOREGROUND=1`` makes the provider
+    train in the pod itself (the pod is the job) instead of starting a detached process.
+    """
+    from kubernetes.client import models as k8s
+
+    gpu = {settings.gpu_resource: str(settings.gpu_count)} if settings.gpu_count else {}
+    return {
+        "image": settings.trainer_image or os.environ.get("FINE_TUNING_TRAINER_IMAGE") or image,
+        "container_resources": k8s.V1ResourceRequirements(
+            requests={"cpu": settings.cpu, "memory": settings.memory, **gpu},
+            limits={"memory": settings.memory, **gpu},
+        ),
+        "node_selector": dict(settings.node_selector) or None,
+        "tolerations": [k8s.V1Toleration(**t) for t in settings.tolerations] or None,
+        "volumes": [
+            k8s.V1Volume(
+                name="base-model",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                    claim_name=settings.base_model_pvc, read_only=True
+                ),
+            )
+        ],
+        "volume_mounts": [k8s.V1VolumeMount(name="base-model", mount_path=settings.base_model_mount, read_only=True)],
+        "env_vars": {"FINE_TUNING_SELFHOSTED_FOREGROUND": "1", "HF_HUB_OFFLINE": "1"},
+    }
+
+
 def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
     """A KubernetesPodOperator for ``python -m fine_tuning STEP``."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -66,11 +111,20 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
     settings = pod_settings()
     from fine_tuning.steps import task_id
 
+    selfhosted = selfhosted_training() if step == "train" else None
+    if selfhosted is not None:
+        overrides = selfhosted_train_overrides(selfhosted, settings["image"])
+    else:
+        overrides = {}
+    # The selfhosted train pod adds to the common pod: it keeps the data and config volumes.
+    for name in ("node_selector", "tolerations"):
+        if overrides.get(name) is not None:
+            kwargs.setdefault(name, overrides[name])
     return KubernetesPodOperator(
         task_id=task_id(step),
         name=f"fine-tuning-{step}",
         namespace=settings["namespace"],
-        image=settings["image"],
+        image=overrides.get("image", settings["image"]),
         cmds=["python", "-m", "fine_tuning"],
         arguments=step_arguments(step),
         env_vars={
@@ -81,9 +135,11 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
             # The chart's statsd_exporter (release "airflow"), where the steps' metrics go too.
             "STATSD_HOST": os.environ.get("STATSD_HOST", "airflow-statsd"),
             "STATSD_PORT": os.environ.get("STATSD_PORT", "9125"),
+            **overrides.get("env_vars", {}),
         },
         secrets=[Secret("env", env_name, settings["secret"], key) for env_name, key in SECRET_ENV],
-        container_resources=k8s.V1ResourceRequirements(
+        container_resources=overrides.get("container_resources")
+        or k8s.V1ResourceRequirements(
             requests={"memory": "512Mi", "cpu": "500m"},
             limits={"memory": "2Gi", "cpu": "2"},
         ),
@@ -93,10 +149,12 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
                 persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings["data_pvc"]),
             ),
             k8s.V1Volume(name="config", config_map=k8s.V1ConfigMapVolumeSource(name=settings["config_map"])),
+            *overrides.get("volumes", []),
         ],
         volume_mounts=[
             k8s.V1VolumeMount(name="data", mount_path=DATA_MOUNT),
             k8s.V1VolumeMount(name="config", mount_path=CONFIG_MOUNT, read_only=True),
+            *overrides.get("volume_mounts", []),
         ],
         service_account_name=settings["service_account"],
         security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=50000, fs_group=0),

@@ -33,8 +33,10 @@ class FineTuningJobTrigger(BaseTrigger):
         openai_conn_id: str = "openai_default",
         poll_interval: float = 60.0,
         max_consecutive_errors: int = 10,
+        provider: str = "openai",
     ) -> None:
         super().__init__()
+        self.provider = provider
         self.job_id = job_id
         self.openai_conn_id = openai_conn_id
         self.poll_interval = poll_interval
@@ -48,10 +50,15 @@ class FineTuningJobTrigger(BaseTrigger):
                 "openai_conn_id": self.openai_conn_id,
                 "poll_interval": self.poll_interval,
                 "max_consecutive_errors": self.max_consecutive_errors,
+                "provider": self.provider,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        if self.provider != "openai":
+            async for event in self._run_provider():
+                yield event
+            return
         import openai
         from fine_tuning.breakers import CircuitOpenError, get_breaker
         from fine_tuning.config import load_config
@@ -109,3 +116,50 @@ class FineTuningJobTrigger(BaseTrigger):
                     return
                 self.log.info("fine-tuning job %s is %s", job.id, job.status)
                 await asyncio.sleep(self.poll_interval)
+
+    async def _run_provider(self) -> AsyncIterator[TriggerEvent]:
+        """Poll any other provider through its ``astatus`` (``azure_openai``: the async client;
+        ``selfhosted``: the job's status file). The event carries the provider-neutral status."""
+        from fine_tuning.config import load_config
+        from fine_tuning.providers import get_provider
+
+        try:
+            provider = get_provider(load_config(), self.provider)
+        except Exception as exc:  # an unknown provider or a bad config ends the wait
+            yield TriggerEvent({"status": "error", "job_id": self.job_id, "message": str(exc)})
+            return
+        errors = 0
+        while True:
+            try:
+                status = await provider.astatus(self.job_id)
+            except (FileNotFoundError, ValueError) as exc:  # no such job: waiting cannot help
+                yield TriggerEvent({"status": "error", "job_id": self.job_id, "message": str(exc)})
+                return
+            except Exception as exc:
+                errors += 1
+                self.log.warning("polling %s failed (%d in a row): %s", self.job_id, errors, exc)
+                if errors >= self.max_consecutive_errors:
+                    yield TriggerEvent({
+                        "status": "error",
+                        "job_id": self.job_id,
+                        "message": f"gave up polling after {errors} errors in a row: {exc}",
+                    })
+                    return
+                await asyncio.sleep(self.poll_interval)
+                continue
+            errors = 0
+            if status.terminal:
+                message = f"{self.provider} job {status.job_id} {status.status}"
+                if status.error:
+                    message += f": {status.error}"
+                yield TriggerEvent({
+                    "status": TERMINAL[status.status],
+                    "job_id": status.job_id,
+                    "job_status": status.status,
+                    "provider": self.provider,
+                    "message": message,
+                    "result": status.as_dict(),
+                })
+                return
+            self.log.info("%s job %s is %s %s", self.provider, status.job_id, status.status, status.details)
+            await asyncio.sleep(self.poll_interval)

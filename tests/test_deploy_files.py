@@ -1,0 +1,128 @@
+"""The deployment files are consistent with the pins: Dockerfile, Helm values, Airflow settings.
+
+``docker`` and ``helm`` cannot run here; ``hadolint`` is used when it is on PATH, else the
+Dockerfile's base image and installs are checked against ``requirements.txt`` by reading it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pin(name: str) -> str:
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        match = re.fullmatch(rf"{re.escape(name)}==([^\s#]+)", line.strip(), flags=re.IGNORECASE)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"{name} is not pinned in requirements.txt")
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    result = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, args = line.partition(" ")
+            result.append((instruction.upper(), args.strip()))
+    return result
+
+
+def test_dockerfile_extends_the_official_image_of_the_pinned_airflow() -> None:
+    froms = [args for instruction, args in _instructions() if instruction == "FROM"]
+    assert len(froms) == 1
+    match = re.fullmatch(r"apache/airflow:(\d+\.\d+\.\d+)-python3\.11", froms[0])
+    assert match, froms[0]
+    assert match.group(1) == _pin("apache-airflow") and match.group(1).startswith("3.3.")
+
+
+def test_dockerfile_installs_the_pinned_requirements_and_the_package_as_airflow() -> None:
+    instructions = _instructions()
+    runs = " ".join(args for instruction, args in instructions if instruction == "RUN")
+    assert "-r /opt/fine-tuning/requirements.txt" in runs
+    assert f'"apache-airflow=={_pin("apache-airflow")}"' in runs  # pip may not move Airflow itself
+    assert "--no-deps /opt/fine-tuning" in runs  # the library, its deps already pinned
+    copies = [args for instruction, args in instructions if instruction == "COPY"]
+    assert any(c.endswith("requirements.txt /opt/fine-tuning/requirements.txt") for c in copies)
+    assert any("dags/" in c for c in copies) and any("plugins/" in c for c in copies)
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users and users[-1] == "airflow"  # the image runs as the airflow user, never root
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
+def test_hadolint() -> None:  # pragma: no cover - only where hadolint exists
+    result = subprocess.run(["hadolint", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _values() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "helm-values.yaml").read_text())
+
+
+def test_helm_values_use_the_chart_keys_we_rely_on() -> None:
+    values = _values()
+    assert values["executor"] == "KubernetesExecutor"
+    assert values["airflowVersion"] == _pin("apache-airflow")
+    image = f"{values['images']['airflow']['repository']}:{values['images']['airflow']['tag']}"
+    assert image == f"{values['defaultAirflowRepository']}:{values['defaultAirflowTag']}"
+    env = {e["name"]: e["value"] for e in values["env"]}
+    assert env["FINE_TUNING_MODE"] == "kubernetes" and env["FINE_TUNING_IMAGE"] == image
+    # Secrets for OpenAI, the database and MLflow: created by the chart, read as env everywhere.
+    secrets = values["extraSecrets"]
+    step_keys = yaml.safe_load(secrets["fine-tuning-secrets"]["stringData"])
+    assert {"openai-api-key", "database-url", "redis-url"} <= set(step_keys)
+    env_keys = yaml.safe_load(secrets["fine-tuning-env"]["stringData"])
+    assert {"OPENAI_API_KEY", "DATABASE_URL", "MLFLOW_TRACKING_TOKEN"} <= set(env_keys)
+    env_from = yaml.safe_load(values["extraEnvFrom"])
+    assert {"secretRef": {"name": "fine-tuning-env"}} in env_from
+    connection_secret = values["secret"][0]
+    assert connection_secret["envName"] == "AIRFLOW_CONN_OPENAI_DEFAULT"
+    assert connection_secret["secretName"] in secrets
+    # StatsD on with our mappings (the mapping's content is test_monitoring's).
+    assert values["statsd"]["enabled"] is True and values["statsd"]["extraMappings"]
+    assert values["config"]["metrics"]["statsd_on"] == "True"
+    for component in ("scheduler", "triggerer", "workers", "apiServer"):
+        assert {"requests", "limits"} <= set(values[component]["resources"]), component
+    # The pipeline's config (the ConfigMap's training_config.json) parses as JSON.
+    import json
+
+    data = yaml.safe_load(values["extraConfigMaps"]["fine-tuning-config"]["data"])
+    config = json.loads(data["training_config.json"])
+    from fine_tuning.config import load_config
+
+    assert load_config(env={}, params=config).data_collection.engagement_threshold == 0.06
+
+
+def test_helm_pod_template_runs_the_image_with_the_secrets_and_volume() -> None:
+    values = _values()
+    pod = yaml.safe_load(values["podTemplate"])
+    container = pod["spec"]["containers"][0]
+    assert container["name"] == "base"  # the KubernetesExecutor replaces the "base" container
+    assert container["image"] == f"{values['defaultAirflowRepository']}:{values['defaultAirflowTag']}"
+    assert {"secretRef": {"name": "fine-tuning-env"}} in container["envFrom"]
+    assert {"requests", "limits"} <= set(container["resources"])
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["fine-tuning-data"]
+    assert pod["spec"]["securityContext"]["runAsUser"] == 50000  # the image's airflow user
+
+
+def test_airflow_settings_parse_with_the_connections_and_pool() -> None:
+    settings = yaml.safe_load((REPO / "airflow_settings.yaml").read_text())["airflow"]
+    connections = {c["conn_id"]: c for c in settings["connections"]}
+    assert {"openai_default", "posts_db", "redis_default", "mlflow_default"} <= set(connections)
+    openai = connections["openai_default"]
+    assert openai["conn_host"].endswith("/v1") and openai["conn_password"]
+    assert connections["posts_db"]["conn_type"] == "postgres"
+    pools = {p["pool_name"]: p for p in settings["pools"]}
+    assert pools["openai_fine_tuning"]["pool_slot"] >= 1
+    assert all({"variable_name", "variable_value"} <= set(v) for v in settings["variables"])
