@@ -227,3 +227,46 @@ def test_each_look_logs_a_plot_to_the_pipeline_runs_mlflow_run(
     run = get_or_create_run(config, "weekly_fine_tuning", "plot_run")
     logged = [a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id, f"ab_tests/{test['id']}")]
     assert logged == [path]
+
+
+def test_the_evaluation_operator_defers_between_looks_and_returns_the_decision(
+    config: PipelineConfig, redis_client: redis.Redis, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from fine_tuning.ab_steps import now_utc
+    from fine_tuning_airflow.ab_operators import ABTestEvaluationOperator
+
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/9")
+    config.evaluation.duration_hours = 0.0005  # ~2 s
+    test = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=now_utc())
+    manifest = {
+        "ab_test_id": test["id"], "model_type": "body", "baseline_model": BASE, "candidate_model": CAND,
+        "candidate_version": None, "traffic_split": 0.1, "started_at": test["started_at"].isoformat(),
+        "planned_end_at": test["planned_end_at"].isoformat(), "power_adequate": False, "power_message": "",
+    }
+
+    def context(interval_minutes: float) -> dict:
+        return {
+            "params": {"evaluation_interval_minutes": interval_minutes, "data_dir": str(config.data_dir)},
+            "ti": SimpleNamespace(xcom_pull=lambda task_ids: manifest),
+            "dag_run": SimpleNamespace(dag_id="weekly_fine_tuning", run_id="op_test", run_after=now_utc()),
+            "data_interval_end": None,
+        }
+
+    operator = ABTestEvaluationOperator(task_id="evaluate")
+    # The planned end is 2 s away: a look, a short wait in the worker, and the last look decides.
+    result = operator.execute(context(60))
+    assert result["decision"] == "reject" and result["final"] and result["looks"] == 2
+
+    config.evaluation.duration_hours = 24
+    longer = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=now_utc())
+    manifest.update(ab_test_id=longer["id"], planned_end_at=longer["planned_end_at"].isoformat())
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(context(60))
+    assert isinstance(deferred.value.trigger, DateTimeTrigger)
+    assert deferred.value.method_name == "execute_complete"

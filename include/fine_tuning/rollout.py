@@ -232,7 +232,12 @@ def rollback(
     if record["candidate_version"]:
         from fine_tuning.registry import demote_candidate
 
-        demote_candidate(config, record["candidate_version"], reason)
+        # The routing is already back and recorded: an MLflow hiccup must not turn a done
+        # rollback into an error. The alias move is logged for a retry by hand.
+        try:
+            demote_candidate(config, record["candidate_version"], reason)
+        except Exception as exc:  # noqa: BLE001
+            log.error("rollback %s done, but moving MLflow aliases failed: %s", deployment_id, exc)
     fired = [name for name in ROLLBACK_TRIGGER_NAMES if name in reason]
     get_metrics(config).rollback(fired[0] if fired else "manual")
     get_metrics(config).rollout_traffic_share(0.0)

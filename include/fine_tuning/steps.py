@@ -122,7 +122,6 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
         estimated_epochs=epochs,
         estimated_cost_usd=round(cost, 4),
     )
-    _save(config, ctx, "upload", manifest)
     return manifest
 
 
@@ -141,7 +140,6 @@ def train(config: PipelineConfig, ctx: RunContext, uploaded: UploadManifest) -> 
     manifest = TrainingManifest(
         **uploaded.model_dump(), job_id=job_id, suffix=config.training.suffix, reused_job=reused
     )
-    _save(config, ctx, "train", manifest)
     return manifest
 
 
@@ -276,5 +274,5 @@ def run_step(
             raise ValueError(f"step {name!r} needs the manifest of {upstream!r}")
         args.append(INPUT_TYPES[upstream].from_json(inputs[upstream]))
     manifest = STEPS[name](config, ctx, *args)
-    _save(config, ctx, name, manifest)
+    _save(config, ctx, name, manifest)  # every step's manifest sits beside the dataset
     return manifest

@@ -8,6 +8,7 @@ worker and takes well under a second. The sequential test makes frequent looks s
 from __future__ import annotations
 
 from collections.abc import Sequence
+import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,9 @@ from fine_tuning_airflow.operators import resolve_config, run_context
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+# Shorter waits between looks happen in the worker (demo and test timings), longer ones defer.
+MIN_DEFERRAL_SECONDS = 30.0
 
 
 class ABTestEvaluationOperator(BaseOperator):
@@ -46,17 +50,25 @@ class ABTestEvaluationOperator(BaseOperator):
 
         config = resolve_config(context, self.openai_conn_id)
         test = ABTestManifest.from_json(context["ti"].xcom_pull(task_ids=self.ab_task_id))
-        manifest = run_step("evaluate", config, run_context(context), {"ab-create": test.model_dump(mode="json")})
-        if manifest.final:
-            self.log.info("A/B test %s decided %s after %d looks", test.ab_test_id, manifest.decision, manifest.looks)
-            return manifest.model_dump(mode="json")
-        now = datetime.now(UTC)
-        next_look = now + timedelta(minutes=config.evaluation.evaluation_interval_minutes)
-        # Never sleep past the planned end by more than a second: the last look decides.
-        next_look = min(next_look, max(test.planned_end_at, now) + timedelta(seconds=1))
-        self.log.info(
-            "A/B test %s: %s after look %d (lift %s); next look at %s",
-            test.ab_test_id, manifest.decision, manifest.looks, manifest.relative_lift, next_look.isoformat(),
-        )
-        self.defer(trigger=DateTimeTrigger(moment=next_look), method_name="execute_complete")
-        return None
+        while True:
+            manifest = run_step("evaluate", config, run_context(context), {"ab-create": test.model_dump(mode="json")})
+            if manifest.final:
+                self.log.info(
+                    "A/B test %s decided %s after %d looks", test.ab_test_id, manifest.decision, manifest.looks
+                )
+                return manifest.model_dump(mode="json")
+            now = datetime.now(UTC)
+            next_look = now + timedelta(minutes=config.evaluation.evaluation_interval_minutes)
+            # Never sleep past the planned end by more than a second: the last look decides.
+            next_look = min(next_look, max(test.planned_end_at, now) + timedelta(seconds=1))
+            self.log.info(
+                "A/B test %s: %s after look %d (lift %s); next look at %s",
+                test.ab_test_id, manifest.decision, manifest.looks, manifest.relative_lift, next_look.isoformat(),
+            )
+            wait = (next_look - now).total_seconds()
+            if wait >= MIN_DEFERRAL_SECONDS:
+                self.defer(trigger=DateTimeTrigger(moment=next_look), method_name="execute_complete")
+            # A wait of seconds is cheaper in the worker than a round trip through the triggerer,
+            # and a trigger that fires before the executor has reported the deferral makes the
+            # scheduler fail the task ("finished with state success, but the TI is queued").
+            time.sleep(wait)
