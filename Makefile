@@ -27,6 +27,10 @@ promtool:
 demo: venv
 	$(PY) -m fine_tuning.demo
 
+## Airflow UI/REST on 127.0.0.1:8080 with the local services, until Ctrl-C
+serve: venv
+	$(PY) -m fine_tuning.serve
+
 ## the whole test suite
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
