@@ -94,6 +94,10 @@ class MetricsCache:
     @classmethod
     def from_config(cls, config: PipelineConfig, on_lookup: Callable[[bool], None] | None = None) -> MetricsCache:
         url = config.services.redis_url.get_secret_value() if config.cache.enabled else None
+        if on_lookup is None:  # by default every lookup is counted over StatsD (hit rate metric)
+            from fine_tuning.metrics import get_metrics
+
+            on_lookup = get_metrics(config).cache_lookup
         return cls(
             url or None, config.cache.ttl_seconds, config.cache.key_prefix,
             redis_retry_seconds=config.breakers.redis_retry_seconds, on_lookup=on_lookup,
