@@ -337,3 +337,22 @@ def _short_open_config(monkeypatch: pytest.MonkeyPatch):
     path = Path(tempfile.mkdtemp()) / "training_config.json"
     path.write_text(json.dumps({"breakers": {"openai": {"recovery_timeout_seconds": 1.0}}}))
     return path
+
+
+def test_an_open_openai_breaker_does_not_stop_selfhosted_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fine_tuning.breakers import get_breaker
+    from fine_tuning.config import load_config
+    from fine_tuning_airflow.operators import FineTuningStepOperator
+
+    monkeypatch.setenv("FINE_TUNING_BREAKER_KEY_PREFIX", f"test:selfhosted:{uuid.uuid4().hex[:8]}")
+    openai_config = load_config()
+    breaker = get_breaker("openai", openai_config)
+    for _ in range(openai_config.breakers.openai.failure_threshold):
+        breaker.record_failure(breaker.acquire(), ConnectionError("connection refused"))
+    assert breaker.state == "open"
+    operator = FineTuningStepOperator(task_id="train", step="train")
+    from fine_tuning.breakers import CircuitOpenError
+
+    with pytest.raises(CircuitOpenError):
+        operator.check_breakers(openai_config)
+    operator.check_breakers(load_config(params={"training": {"provider": "selfhosted"}}))  # no raise

@@ -112,6 +112,8 @@ class CircuitBreakerOperator(BaseOperator):
         from fine_tuning.breakers import CircuitOpenError, get_breaker
 
         for name in self.breakers_for_task():
+            if name == "openai" and config.training.provider == "selfhosted":
+                continue  # self-hosted training never calls OpenAI: its outage must not stop it
             snapshot = get_breaker(name, config).snapshot()
             if snapshot.state == "open" and snapshot.opened_until is not None:
                 from datetime import UTC, datetime
@@ -136,6 +138,8 @@ class CircuitBreakerOperator(BaseOperator):
         from fine_tuning.breakers import get_breaker
 
         for name in self.breakers_for_task():
+            if name == "openai" and config.training.provider == "selfhosted":
+                continue  # self-hosted training never calls OpenAI: its outage must not stop it
             snapshot = get_breaker(name, config).snapshot()
             self.log.info(
                 "breaker %s: %s, %d consecutive failures, %d/%d failed in the window%s",
