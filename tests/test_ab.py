@@ -270,3 +270,23 @@ def test_the_evaluation_operator_defers_between_looks_and_returns_the_decision(
         operator.execute(context(60))
     assert isinstance(deferred.value.trigger, DateTimeTrigger)
     assert deferred.value.method_name == "execute_complete"
+
+
+def test_deploy_refuses_when_a_fine_tuned_baseline_is_not_registered(
+    config: PipelineConfig, redis_client: redis.Redis, mlflow_uri: str
+) -> None:
+    """A rollback must be able to restore the baseline: an unregistered fine-tune cannot be."""
+    config.mlflow.tracking_uri = mlflow_uri
+    config.mlflow.registered_model_name = "baseline_check_model"
+    url = config.services.database_url.get_secret_value()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
+            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
+            " VALUES ('ab-3', 'body', 'ft:gpt-3.5-turbo-0125:org:weekly:gone', %s, 0.1, %s, %s, 'promote', '{}',"
+            " '{}', '{\"srm_ok\": true}')",
+            (CAND, T0, T0),
+        )
+    with pytest.raises(rollout.DeploymentRefused, match="not registered"):
+        rollout.deploy(config, redis_client, "ab-3", T0)
+    assert get_routing(redis_client, "body") is None  # nothing was switched

@@ -404,3 +404,13 @@ def champion_model(config: PipelineConfig) -> str | None:
     except MlflowException:
         return None
     return version.tags.get("fine_tuned_model") or None
+
+
+def find_version_of(config: PipelineConfig, fine_tuned_model: str) -> str | None:
+    """The registered version whose ``fine_tuned_model`` tag is this model id, if any."""
+    client = make_client(config)
+    name = config.mlflow.registered_model_name
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("fine_tuned_model") == fine_tuned_model:
+            return version.version
+    return None

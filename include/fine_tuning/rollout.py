@@ -42,6 +42,11 @@ def _fetch(conn: Any, query: str, params: tuple) -> dict[str, Any] | None:
     return None if row is None else dict(zip([c.name for c in cursor.description], row))
 
 
+def is_fine_tuned(model_id: str) -> bool:
+    """A model of ours (OpenAI fine-tune or self-hosted adapter), not a provider's base model."""
+    return model_id.startswith(("ft:", "selfhosted:"))
+
+
 def get_deployment(config: PipelineConfig, deployment_id: str) -> dict[str, Any]:
     with db.connect(config.services.database_url.get_secret_value()) as conn:
         record = _fetch(conn, "SELECT * FROM deployments WHERE id = %s", (deployment_id,))
@@ -92,6 +97,15 @@ def deploy(
         raise DeploymentRefused(f"A/B test {ab_test_id}: sample ratio mismatch, the evaluation is not valid")
     if not test["baseline_model"]:
         raise DeploymentRefused(f"A/B test {ab_test_id} has no baseline model to restore")
+    if is_fine_tuned(test["baseline_model"]):
+        from fine_tuning.registry import find_version_of
+
+        # A fine-tuned baseline can only be rolled back to if it is still in the registry.
+        if find_version_of(config, test["baseline_model"]) is None:
+            raise DeploymentRefused(
+                f"baseline {test['baseline_model']!r} of A/B test {ab_test_id} is not registered in MLflow "
+                f"model {config.mlflow.registered_model_name!r}: a rollback could not restore it"
+            )
 
     deployment = config.deployment
     strategy = strategy or deployment.strategy
