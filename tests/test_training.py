@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -93,6 +94,24 @@ def test_a_lost_reply_is_not_a_second_create(
     steps.train(config, ctx, uploaded)
     state = openai_env.state()
     assert len(state["files"]) == 1 and len(state["jobs"]) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/fine_tuning/jobs"])
+def test_a_create_that_times_out_but_lands_later_is_not_made_twice(
+    collected: CollectManifest, ctx: RunContext, openai_env, path: str
+) -> None:
+    """The client gives up after 1 s; the server makes the file/job 0.6 s later. A look right
+    after the timeout finds nothing, and a create then would make a second one: the retry
+    waits out the client's timeout before it looks again."""
+    config = load_config(params={"services": {"openai_timeout_seconds": 1.0, "openai_max_retries": 2}})
+    openai_env.inject_fault(method="POST", path=path, status=None, delay_seconds=1.6, count=1)
+    uploaded = steps.upload(config, ctx, collected)
+    steps.train(config, ctx, uploaded)
+    time.sleep(1.0)  # anything still in flight has landed by now
+    state = openai_env.state()
+    assert len(state["files"]) == 1 and len(state["jobs"]) == 1
+    timed_out = [r for r in state["requests"] if r.get("fault")]
+    assert timed_out, "the injected delay never hit a request: the test proved nothing"
 
 
 def test_rate_limit_with_retry_after_is_retried(

@@ -88,11 +88,30 @@ def _error_code(exc: BaseException) -> str | None:
     return getattr(exc, "code", None)
 
 
-def _wait_seconds(retry_state: Any) -> float:
-    """Honour the server's Retry-After (bounded); otherwise exponential backoff with jitter."""
+def _settle_seconds(exc: BaseException | None, config: PipelineConfig) -> float:
+    """How long a create that failed without an answer may still be running on the server.
+
+    A timeout or a dropped connection leaves the request in flight: the server may make the
+    file or job after our next look, and a create after that look would be a second one. So
+    the next look waits at least the client's timeout, the time the server was given to
+    answer. A status answer (429, 5xx) means the server is done with the request: the look
+    sees whatever it made.
+    """
+    import openai
+
+    return config.services.openai_timeout_seconds if isinstance(exc, openai.APIConnectionError) else 0.0
+
+
+def _wait_seconds(retry_state: Any, config: PipelineConfig) -> float:
+    """Honour the server's Retry-After (bounded); otherwise exponential backoff with jitter;
+    never less than the time an unanswered create may still take (``_settle_seconds``)."""
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    return max(_backoff_seconds(retry_state, exc), _settle_seconds(exc, config))
+
+
+def _backoff_seconds(retry_state: Any, exc: BaseException | None) -> float:
     from tenacity import wait_random_exponential
 
-    exc = retry_state.outcome.exception() if retry_state.outcome else None
     response = getattr(exc, "response", None)
     if response is not None:
         header = response.headers.get("retry-after")
@@ -116,7 +135,7 @@ def create_once(
     for attempt in Retrying(
         retry=retry_if_exception(_is_retryable),
         stop=stop_after_attempt(config.services.openai_max_retries + 1) | stop_after_delay(300),
-        wait=_wait_seconds,
+        wait=lambda retry_state: _wait_seconds(retry_state, config),
         reraise=True,
         before_sleep=lambda rs: log.warning(
             "%s: attempt %d failed (%s); will look again before retrying",

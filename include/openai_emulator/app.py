@@ -221,13 +221,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             auth_error = _auth_error(request.headers.get("authorization"), settings)
         if auth_error is not None:
-            response = auth_error.response()
-        else:
-            fault = faults.take(request.method, path)
-            if fault is not None:
-                entry["fault"] = fault.id
-                log.info("fault %s hits %s %s", fault.id, request.method, path)
-            response = await _perform(request, call_next, fault)
+            return _logged(auth_error.response(), entry, started)
+        fault = faults.take(request.method, path)
+        if fault is not None:
+            entry["fault"] = fault.id
+            log.info("fault %s hits %s %s", fault.id, request.method, path)
+
+        async def perform() -> Response:
+            return _logged(await _perform(request, call_next, fault), entry, started)
+
+        # A real API server finishes a request whose client has gone (timed out): the file or
+        # job is made all the same. Shielded, the client's disconnect does not cancel the work.
+        return await asyncio.shield(asyncio.ensure_future(perform()))
+
+    def _logged(response: Response, entry: dict[str, Any], started: float) -> Response:
         entry["status"] = response.status_code
         with store.lock:
             store.requests.append(entry)
@@ -243,6 +250,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if fault is None:
             return await call_next(request)
         spec = fault.spec
+        # Read the whole request now, as a server does before it works on it: a client that
+        # times out during the delay must not take the body of its request away with it.
+        await request.body()
         if not spec.after_effect:
             if spec.delay_seconds:
                 await asyncio.sleep(spec.delay_seconds)
