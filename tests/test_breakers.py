@@ -3,6 +3,7 @@ processes sharing one breaker, Redis down, the operator's fail-fast and retry de
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import subprocess
@@ -308,10 +309,16 @@ def test_register_does_not_fail_fast_on_an_open_mlflow_breaker() -> None:
     assert WaitForFineTuningJobOperator(task_id="wait", job_id="ftjob-1").breakers_for_task() == ("openai",)
 
 
-async def test_trigger_waits_out_an_open_breaker_then_finishes(openai_env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from openai import OpenAI
+async def test_trigger_opens_and_waits_out_the_breaker_under_the_runs_thresholds(
+    openai_env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run's params open the breaker after one failure, for 1 s; the triggerer's environment
+    knows neither (3 failures, 120 s): the deferred trigger carries them. One failed poll opens
+    it, the trigger waits out the open second instead of polling, and the probe finishes."""
+    import importlib
 
-    from fine_tuning_airflow.triggers import FineTuningJobTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+    from openai import OpenAI
 
     monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps(
         {"conn_type": "generic", "host": openai_env.base_url, "password": "sk-conn-key"}))
@@ -320,23 +327,28 @@ async def test_trigger_waits_out_an_open_breaker_then_finishes(openai_env, monke
     file = client.files.create(file=("d.jsonl", lines.encode()), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model="gpt-3.5-turbo-0125", training_file=file.id)
 
-    monkeypatch.setenv("FINE_TUNING_CONFIG_FILE", str(_short_open_config(monkeypatch)))
-    breaker = open_breaker()
-    assert breaker.settings.recovery_timeout_seconds == 1.0
+    params = {
+        "poll_interval_seconds": 0.1,
+        "breakers": {"openai": {"failure_threshold": 1, "recovery_timeout_seconds": 1.0}},
+    }
+    with pytest.raises(TaskDeferred) as deferred:
+        WaitForFineTuningJobOperator(task_id="wait", job_id=job.id).execute(step_context(params))
+    openai_env.inject_fault(
+        method="GET", path=f"/v1/fine_tuning/jobs/{job.id}", status=500, count=1, should_retry=False
+    )
+
+    classpath, kwargs = deferred.value.trigger.serialize()  # what the triggerer process gets
+    assert "sk-" not in json.dumps(kwargs)
+    module, name = classpath.rsplit(".", 1)
+    trigger = getattr(importlib.import_module(module), name)(**kwargs)
     polls_before = len(openai_env.requests("GET", f"/v1/fine_tuning/jobs/{job.id}"))
-    event = await FineTuningJobTrigger(job_id=job.id, poll_interval=0.1).run().__anext__()
+    with caplog.at_level(logging.WARNING):
+        event = await asyncio.wait_for(trigger.run().__anext__(), timeout=30)
     assert event.payload["status"] == "success"
-    assert breaker.state == "closed"  # the first poll after the open time was the probe, and it closed it
+    assert any("openai: closed -> open" in r.getMessage() for r in caplog.records), caplog.text
+    assert get_breaker("openai", load_config(params=params)).state == "closed"  # the probe closed it
     assert len(openai_env.requests("GET", f"/v1/fine_tuning/jobs/{job.id}")) > polls_before
 
-
-def _short_open_config(monkeypatch: pytest.MonkeyPatch):
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / "training_config.json"
-    path.write_text(json.dumps({"breakers": {"openai": {"recovery_timeout_seconds": 1.0}}}))
-    return path
 
 
 def test_an_open_openai_breaker_does_not_stop_selfhosted_training(monkeypatch: pytest.MonkeyPatch) -> None:

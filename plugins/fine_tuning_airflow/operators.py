@@ -135,7 +135,7 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
         from fine_tuning.openai_training import TERMINAL_STATES, retrieve_job
         from fine_tuning.providers import get_provider
 
-        from fine_tuning_airflow.triggers import FineTuningJobTrigger
+        from fine_tuning_airflow.triggers import FineTuningJobTrigger, trigger_config
 
         provider_name = self.provider or config.training.provider
         if provider_name == "openai":
@@ -152,6 +152,7 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
                 openai_conn_id=self.openai_conn_id,
                 poll_interval=config.training.poll_interval_seconds,
                 provider=provider_name,
+                config=trigger_config(config),
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=config.training.timeout_seconds),
