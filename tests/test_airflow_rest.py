@@ -30,6 +30,7 @@ from fine_tuning import db
 from fine_tuning.demo import DAG_ID, airflow_env
 from fine_tuning.devstack import Stack, free_port, wait_http
 from fine_tuning.seed import seed_posts
+from test_metrics import StatsdListener
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,12 @@ BACKFILL_WEEKS = {
     datetime(2026, 11, 1, 2, tzinfo=UTC): 11,
     datetime(2026, 11, 8, 2, tzinfo=UTC): 17,
     datetime(2026, 11, 15, 2, tzinfo=UTC): 23,
+}
+# Three earlier weeks for the same backfill from the CLI (`airflow backfill create`).
+CLI_BACKFILL_WEEKS = {
+    datetime(2026, 10, 11, 2, tzinfo=UTC): 13,
+    datetime(2026, 10, 18, 2, tzinfo=UTC): 19,
+    datetime(2026, 10, 25, 2, tzinfo=UTC): 29,
 }
 # A/B test of ~11 s, looked at every 12 s: with no agent traffic it ends "reject", the deploy is
 # skipped, and the run succeeds. The look interval stays above the ~5 s the LocalExecutor takes
@@ -67,7 +74,7 @@ def services(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str, emulator
         # Only the last 4 days: the scheduled run the unpause makes (the tick before now) finds
         # too few posts in its own week and is skipped quickly.
         seed_posts(conn, 300, end=now, days=4)
-        for tick, count in BACKFILL_WEEKS.items():
+        for tick, count in {**BACKFILL_WEEKS, **CLI_BACKFILL_WEEKS}.items():
             seed_posts(conn, count, end=tick, days=7, bad_fraction=0.0, seed=count)
     emulator.reset()  # type: ignore[attr-defined]
     yield {"posts_url": posts_url, "mlflow_uri": mlflow_uri, "emulator": emulator, "now": now}
@@ -91,7 +98,17 @@ def _stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def airflow(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def statsd() -> Iterator[StatsdListener]:
+    """A StatsD server on loopback for Airflow's own metrics (scheduler: dagrun.*) and ours."""
+    listener = StatsdListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def airflow(
+    services: dict[str, Any], statsd: StatsdListener, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """``airflow standalone`` on a free loopback port, its metadata in a fresh PostgreSQL database."""
     home = tmp_path_factory.mktemp("airflow-rest")
     meta_db = f"airflow_{uuid.uuid4().hex[:10]}"
@@ -115,6 +132,12 @@ def airflow(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
             "MLFLOW_EXPERIMENT_NAME": f"rest_{home.name}",
+            "AIRFLOW__METRICS__STATSD_ON": "True",
+            "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+            "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+            "STATSD_HOST": "127.0.0.1",
+            "STATSD_PORT": str(statsd.port),
         }
     )
     env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
@@ -215,6 +238,34 @@ def test_rest_trigger_with_conf_runs_to_success(airflow: dict[str, Any], api: ht
     print(f"startup {airflow['startup_seconds']:.0f} s; triggered run to success in {time.monotonic() - started:.0f} s")
 
 
+def test_scheduler_and_health_metrics_reach_statsd(
+    airflow: dict[str, Any], api: httpx.Client, statsd: StatsdListener
+) -> None:
+    """Under a real scheduler Airflow sends dagrun.* (which `airflow dags test` never does), our
+    tasks send theirs, and each /pipeline/health call sends the pool and breaker gauges."""
+    runs = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns", params={"state": "success"}).json()["dag_runs"]
+    assert runs, "no successful run yet: this test follows the REST trigger test"
+    statsd.wait_for(f"airflow.dagrun.duration.success.{DAG_ID}", timeout=30)
+    names = statsd.names()
+    assert f"airflow.dagrun.duration.success.{DAG_ID}" in names, sorted(n for n in names if n.startswith("airflow.dag"))
+    assert statsd.values(f"airflow.dagrun.duration.success.{DAG_ID}")[-1][0] > 0
+    assert f"airflow.ti.finish.{DAG_ID}.collect.success" in names
+    assert statsd.total("fine_tuning.step.runs.register.success") >= 1
+
+    assert httpx.get(f"{airflow['base']}/pipeline/health", timeout=30).status_code == 200
+    statsd.wait_for("fine_tuning.redis.connections.idle")
+    assert statsd.last("fine_tuning.db.connections.active") >= 0
+    assert statsd.last("fine_tuning.redis.connections.idle") >= 0
+    assert statsd.last("fine_tuning.breaker.openai.state") in (0.0, 0.5, 1.0)
+    # Every name that arrived maps to a Prometheus series through the exporter's mapping.
+    from test_monitoring import map_statsd
+
+    unmapped = sorted(n for n in statsd.names() if n.startswith("fine_tuning.") and map_statsd(n) is None)
+    assert not unmapped, unmapped
+    # Airflow's own names are the chart's default mappings' business, except those our rules use.
+    assert map_statsd(f"airflow.dagrun.duration.success.{DAG_ID}") == ("airflow_dagrun_duration", {"dag_id": DAG_ID})
+
+
 def test_backfill_over_three_past_weeks_collects_each_week(
     airflow: dict[str, Any], api: httpx.Client, services: dict[str, Any]
 ) -> None:
@@ -235,14 +286,47 @@ def test_backfill_over_three_past_weeks_collects_each_week(
     assert response.status_code == 200, response.text
     backfill_id = response.json()["id"]
 
+    _assert_each_week_collected(api, airflow, services, ticks)
+    deadline = time.monotonic() + 60  # the scheduler marks the backfill done on a later loop
+    while api.get(f"/api/v2/backfills/{backfill_id}").json()["completed_at"] is None:
+        assert time.monotonic() < deadline, api.get(f"/api/v2/backfills/{backfill_id}").json()
+        time.sleep(1)
+    print(f"backfill of 3 weeks in {time.monotonic() - started:.0f} s")
+
+
+def test_cli_backfill_over_three_other_weeks_collects_each_week(
+    airflow: dict[str, Any], api: httpx.Client, services: dict[str, Any]
+) -> None:
+    """`airflow backfill create` (the CLI, against the same metadata database) does what the REST
+    call does; the scheduler runs the three weeks."""
+    ticks = sorted(CLI_BACKFILL_WEEKS)
+    command = [
+        str(Path(sys.executable).parent / "airflow"), "backfill", "create", "--dag-id", DAG_ID,
+        "--from-date", (ticks[0] - timedelta(days=1)).date().isoformat(),
+        "--to-date", (ticks[-1] + timedelta(days=1)).date().isoformat(),
+        "--dag-run-conf", json.dumps({"engagement_threshold": 0.0}), "--max-active-runs", "3",
+    ]
+    done = subprocess.run(command, env=airflow["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    _assert_each_week_collected(api, airflow, services, ticks)
+
+
+def _assert_each_week_collected(
+    api: httpx.Client, airflow: dict[str, Any], services: dict[str, Any], ticks: list[datetime]
+) -> None:
+    """The backfill runs of ``ticks`` succeed, and each collected exactly its own week's posts."""
     deadline = time.monotonic() + 120
     while True:
-        runs = [r for r in api.get(f"/api/v2/dags/{DAG_ID}/dagRuns", params={"run_type": "backfill"}).json()["dag_runs"]]
-        if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
+        runs = [
+            r for r in api.get(f"/api/v2/dags/{DAG_ID}/dagRuns", params={"run_type": "backfill"}).json()["dag_runs"]
+            if datetime.fromisoformat(r["logical_date"]) in ticks
+        ]
+        if len(runs) == len(ticks) and all(r["state"] in ("success", "failed") for r in runs):
             break
         assert time.monotonic() < deadline, runs
         time.sleep(2)
     assert all(r["state"] == "success" for r in runs), runs
+    scanned = set()
     for run in runs:
         tick = datetime.fromisoformat(run["logical_date"])
         assert _task_states(api, run["dag_run_id"])["collect"] == "skipped"  # too few posts: skipped, not failed
@@ -258,10 +342,37 @@ def test_backfill_over_three_past_weeks_collects_each_week(
             ).fetchone()[0]
         # Exactly that week's posts (seed_posts spreads posts a little; the weeks differ in size).
         assert manifest["posts_scanned"] == in_week > 0
-    scanned = [json.loads(p.read_text())["posts_scanned"] for p in (airflow["data_dir"] / DAG_ID).glob("backfill*/collect.json")]
-    assert len(set(scanned)) == 3
-    assert api.get(f"/api/v2/backfills/{backfill_id}").status_code == 200
-    print(f"backfill of 3 weeks in {time.monotonic() - started:.0f} s")
+        scanned.add(manifest["posts_scanned"])
+    assert len(scanned) == len(ticks)
+
+
+def test_settings_file_loads_into_airflow(airflow: dict[str, Any], api: httpx.Client, tmp_path: Path) -> None:
+    """`python -m fine_tuning settings` puts airflow_settings.yaml's entries where the REST API
+    (and the tasks) find them; a wrong file names its mistake and imports nothing."""
+    repo = Path(__file__).resolve().parents[1]
+    loader = [sys.executable, "-m", "fine_tuning", "settings"]
+    done = subprocess.run([*loader, str(repo / "airflow_settings.yaml")], env=airflow["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import yaml
+
+    expected = yaml.safe_load((repo / "airflow_settings.yaml").read_text())["airflow"]
+    for conn in expected["connections"]:
+        got = api.get(f"/api/v2/connections/{conn['conn_id']}")
+        assert got.status_code == 200, got.text
+        assert got.json()["conn_type"] == conn["conn_type"] and got.json()["host"] == conn.get("conn_host")
+    for pool in expected["pools"]:
+        assert api.get(f"/api/v2/pools/{pool['pool_name']}").json()["slots"] == pool["pool_slot"]
+    for variable in expected.get("variables", []):
+        assert api.get(f"/api/v2/variables/{variable['variable_name']}").json()["value"] == str(variable["variable_value"])
+
+    bad = tmp_path / "airflow_settings.yaml"
+    bad.write_text("airflow:\n  connections:\n    - conn_id: extra_one\n      conn_type: http\n"
+                   "    - conn_id: broken\n      conn_type: postgres\n      conn_prot: 5432\n")
+    done = subprocess.run([*loader, str(bad)], env=airflow["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "airflow.connections[1] (broken).conn_prot: unknown key" in done.stderr, done.stderr
+    assert api.get("/api/v2/connections/extra_one").status_code == 404  # nothing half-imported
 
 
 def test_status_endpoint_under_concurrent_polling(airflow: dict[str, Any], api: httpx.Client) -> None:

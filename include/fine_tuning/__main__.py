@@ -7,6 +7,7 @@ Examples::
     python -m fine_tuning upload ... --input collect=@/tmp/fine_tuning/.../collect.json
     python -m fine_tuning migrate
     python -m fine_tuning seed --posts 5000
+    python -m fine_tuning settings airflow_settings.yaml   # connections, variables, pools
 
 A step prints its manifest as JSON on stdout and, with ``--xcom-file`` (the
 KubernetesPodOperator's ``/airflow/xcom/return.json``), writes it there too. Exit codes: 0 done,
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", required=True)
     health = sub.add_parser("health", help="probe the dependencies; print the /health JSON; exit 0 healthy, 1 not")
     health.add_argument("--config-file", help="training_config.json (default $FINE_TUNING_CONFIG_FILE)")
+    settings = sub.add_parser(
+        "settings", help="load airflow_settings.yaml (Astro CLI format) into the local Airflow's connections, variables, pools"
+    )
+    settings.add_argument("file", nargs="?", default="airflow_settings.yaml")
     sub.add_parser("migrate", help="apply the database migrations")
     seed = sub.add_parser("seed", help="insert synthetic posts (development and demo)")
     seed.add_argument("--posts", type=int, default=5000)
@@ -79,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         from fine_tuning.analyze_cli import main as analyze_main
 
         return analyze_main(args.method, args.file)
+    if args.command == "settings":  # writes to Airflow's metadata database, not the pipeline's
+        from fine_tuning.airflow_settings import SettingsError, load_settings
+
+        try:
+            print(json.dumps(load_settings(args.file)))
+        except SettingsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return 0
 
     from fine_tuning.config import ConfigError, load_config
 

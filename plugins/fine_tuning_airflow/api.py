@@ -866,10 +866,13 @@ def rollback(
     responses={200: {"description": "Every required dependency answers"}, 503: {"description": "One does not"}},
 )
 def health() -> JSONResponse:
-    """Public: each dependency's probe and each breaker's state; 503 when a required one is down."""
+    """Public: each dependency's probe and each breaker's state; 503 when a required one is down.
+
+    Each call also sends the pool and breaker gauges over StatsD: the Kubernetes probe that
+    polls this keeps them current in Prometheus."""
     from fine_tuning.health import check_health
 
-    report = check_health(pipeline_config())
+    report = check_health(pipeline_config(), emit_metrics=True)
     return JSONResponse(report.model_dump(mode="json"), status_code=report.http_status)
 
 
