@@ -399,6 +399,29 @@ def test_evaluation_and_deployment_bodies_are_validated(client: Any, admin: dict
     assert field in response.text
 
 
+def test_a_selfhosted_candidate_that_vllm_cannot_load_starts_no_ab_test(
+    client: Any, admin: dict, services: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint loads the adapter into vLLM first, as the DAG's step does: vLLM unreachable
+    is a 502 naming the server and the adapter, and no test row or routing is left behind."""
+    from fine_tuning.devstack import free_port
+
+    vllm = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("FINE_TUNING_SERVING_BASE_URL", vllm)
+    redis.Redis.from_url("redis://127.0.0.1:6379/0").delete("fine_tuning:routing:body")
+    body = {**AB_BODY, "candidate_model": {"model_id": "selfhosted:weekly-adapter-7"}}
+    response = client.post("/pipeline/evaluation/create-ab-test", json=body, headers=admin)
+    assert response.status_code == 502, response.text
+    assert vllm in response.json()["detail"] and "weekly-adapter-7" in response.json()["detail"]
+    with psycopg.connect(services["pg_url"]) as conn:
+        assert conn.execute("SELECT count(*) FROM ab_tests").fetchone()[0] == 0
+    assert not redis.Redis.from_url("redis://127.0.0.1:6379/0").exists("fine_tuning:routing:body")
+
+    bad = {**AB_BODY, "candidate_model": {"model_id": "selfhosted:../etc"}}
+    response = client.post("/pipeline/evaluation/create-ab-test", json=bad, headers=admin)
+    assert response.status_code == 422 and "not a self-hosted job id" in response.text
+
+
 def test_unknown_ab_tests_and_deployments_are_404(client: Any, admin: dict, services: dict) -> None:
     assert client.get("/pipeline/evaluation/metrics/ab-nope", headers=admin).status_code == 404
     body = {

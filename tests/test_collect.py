@@ -123,6 +123,7 @@ def test_writes_best_posts_first_as_chat_jsonl(
             assert messages[1]["content"] == BODY_PROMPT.format(hook=hook)
             assert messages[2]["content"].startswith("Body of post ")
     assert manifest.tokens == token_sum
+    assert manifest.token_counter == "tiktoken cl100k_base (gpt-3.5-turbo-0125)"
 
     data = (tmp_path / "dataset.jsonl").read_bytes()
     assert manifest.sha256 == hashlib.sha256(data).hexdigest()
@@ -290,6 +291,82 @@ def test_bad_inputs_fail_before_any_work(pg_url: str, tmp_path: Path) -> None:
     with pytest.raises(tokens.UnknownModelError, match="my-own-llm"):
         run(make_config(pg_url, base_model="my-own-llm"), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# Under the selfhosted provider, tokens are counted with the base model's own tokenizer.
+
+
+@pytest.fixture(scope="module")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base model directory whose tokenizer was trained offline on post-like text."""
+    pytest.importorskip("transformers")
+    from fine_tuning.providers.tiny_model import build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-base")
+    sample = directory / "sample.jsonl"
+    examples = (
+        [{"role": "user", "content": HOOK_PROMPT}, {"role": "assistant", "content": post(i, 0.1)["hook"]}]
+        for i in range(20)
+    )
+    sample.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in examples))
+    build_tiny_tokenizer(sample, directory / "model")
+    return directory / "model"
+
+
+def test_selfhosted_collect_counts_with_the_base_models_tokenizer(
+    conn: psycopg.Connection[Any],
+    pg_url: str,
+    tmp_path: Path,
+    tiny_base_model: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user on self-hosted training sets the provider and the base model path, nothing about
+    OpenAI: the count is what the trainer will see (the model's chat template, tokenized)."""
+    from transformers import AutoTokenizer
+
+    insert(conn, (post(i, 0.1) for i in range(12)))
+    config = make_config(pg_url, training_provider="selfhosted", base_model="Qwen/Qwen2.5-0.5B-Instruct",
+                         training={"selfhosted": {"base_model_path": str(tiny_base_model)}})
+    with caplog.at_level("INFO", logger="fine_tuning.collect"):
+        manifest = run(config, tmp_path)
+
+    assert manifest.status == "ready" and manifest.examples_written == 24
+    assert manifest.token_counter == f"{tiny_base_model / 'tokenizer.json'} with its chat template"
+    reference = AutoTokenizer.from_pretrained(tiny_base_model)
+    examples = [line["messages"] for line in read_lines(tmp_path / "dataset.jsonl")]
+    expected = sum(
+        len(reference.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        for messages in examples
+    )
+    assert manifest.tokens == expected
+    assert manifest.tokens != sum(tokens.count_chat_tokens(messages, "gpt-4o") for messages in examples)
+    on_disk = CollectManifest.from_json((tmp_path / "collect.json").read_text())
+    assert on_disk.token_counter == manifest.token_counter
+    said = [r.getMessage() for r in caplog.records if "counts tokens with" in r.getMessage()]
+    assert said == [f"collect counts tokens with {manifest.token_counter}"]  # once, not per example
+
+
+def test_selfhosted_collect_without_the_base_model_approximates_once_and_records_it(
+    conn: psycopg.Connection[Any], pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In kubernetes mode the collect pod has neither the base model volume nor ``tokenizers``."""
+    insert(conn, (post(i, 0.1) for i in range(12)))
+    missing = tmp_path / "models" / "qwen"
+    config = make_config(pg_url, training_provider="selfhosted", base_model="Qwen/Qwen2.5-0.5B-Instruct",
+                         training={"selfhosted": {"base_model_path": str(missing)}})
+    with caplog.at_level("INFO", logger="fine_tuning.collect"):
+        manifest = run(config, tmp_path / "out")
+
+    assert manifest.status == "ready"
+    assert manifest.token_counter == (
+        "tiktoken o200k_base (approximation: no tokenizer.json in "
+        f"training.selfhosted.base_model_path {missing})"
+    )
+    lines = read_lines(tmp_path / "out" / "dataset.jsonl")
+    assert manifest.tokens == sum(tokens.count_chat_tokens(line["messages"], "gpt-4o") for line in lines)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    said = f"collect token counts are approximate: {manifest.token_counter}"
+    assert [r.getMessage() for r in warnings] == [said]
 
 
 # Runs collect in a fresh process and reports how far its resident memory rose above the level

@@ -116,6 +116,58 @@ def test_helm_pod_template_runs_the_image_with_the_secrets_and_volume() -> None:
     assert pod["spec"]["securityContext"]["runAsUser"] == 50000  # the image's airflow user
 
 
+def helm_env(values: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in values["env"]}
+
+
+def _mount_of_claim(volumes: list[dict], mounts: list[dict], claim: str) -> list[str]:
+    """Where the volumes of ``claim`` are mounted (a list: once is right)."""
+    names = [v["name"] for v in volumes if v.get("persistentVolumeClaim", {}).get("claimName") == claim]
+    return [m["mountPath"] for m in mounts if m["name"] in names]
+
+
+def test_data_volume_is_one_claim_at_the_configured_data_path_everywhere() -> None:
+    """The self-hosted trainer's status files (written by the train pod) are read by the wait in
+    a worker and by its trigger in the triggerer: all must mount the same claim at the path the
+    pipeline's config uses as ``data_dir``."""
+    import json
+
+    from fine_tuning.config import load_config
+
+    values = _values()
+    env = helm_env(values)
+    data_dir, claim = env["FINE_TUNING_DATA_DIR"], env["FINE_TUNING_DATA_PVC"]
+    # The config as an Airflow component builds it: the ConfigMap's file, then the environment.
+    configmap = yaml.safe_load(values["extraConfigMaps"]["fine-tuning-config"]["data"])
+    config_mount = next(m["mountPath"] for m in values["volumeMounts"] if m["name"] == "fine-tuning-config")
+    assert env["FINE_TUNING_CONFIG_FILE"] == f"{config_mount}/training_config.json"
+    file_config = json.loads(configmap["training_config.json"])
+    component_env = {k: v for k, v in env.items() if k != "FINE_TUNING_CONFIG_FILE"}  # the file: params
+    config = load_config(env=component_env, params=file_config)
+    assert config.data_dir == data_dir
+
+    # The chart gives each component the global volumes, then its own extraVolumes (its
+    # triggerer template: `.Values.volumes` then `.Values.triggerer.extraVolumes`).
+    for component in ("triggerer", "scheduler", "apiServer", "dagProcessor"):
+        section = values.get(component, {})
+        volumes = values["volumes"] + section.get("extraVolumes", [])
+        mounts = values["volumeMounts"] + section.get("extraVolumeMounts", [])
+        assert _mount_of_claim(volumes, mounts, claim) == [data_dir], component
+        names = [v["name"] for v in volumes]
+        assert len(names) == len(set(names)), f"{component}: a volume named twice: {names}"
+
+    # The KubernetesExecutor's workers: the pod template mounts it itself, with the same env
+    # (the provider to wait for comes from the config file it mounts too).
+    pod = yaml.safe_load(values["podTemplate"])
+    container = pod["spec"]["containers"][0]
+    assert _mount_of_claim(pod["spec"]["volumes"], container["volumeMounts"], claim) == [data_dir]
+    template_env = {e["name"]: e["value"] for e in container["env"]}
+    assert template_env == {**template_env, **env}, "the pod template's env differs from the chart's env"
+    configs = [v["name"] for v in pod["spec"]["volumes"]
+               if v.get("configMap", {}).get("name") == "fine-tuning-config"]
+    assert [m["mountPath"] for m in container["volumeMounts"] if m["name"] in configs] == [config_mount]
+
+
 def test_airflow_settings_parse_with_the_connections_and_pool() -> None:
     settings = yaml.safe_load((REPO / "airflow_settings.yaml").read_text())["airflow"]
     connections = {c["conn_id"]: c for c in settings["connections"]}

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pendulum
 import pytest
+import yaml
 from airflow.sdk import DAG
 
 from fine_tuning.steps import STEP_INPUTS
 from fine_tuning_airflow.operators import fine_tuning_step
 from fine_tuning_airflow.pods import EXIT_SKIPPED
 
+REPO = Path(__file__).resolve().parents[1]
 STEPS = ["collect", "upload", "train", "register", "ab-create", "deploy", "rollout"]
 
 
 @pytest.fixture
 def pods(monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.delenv("FINE_TUNING_DATA_DIR", raising=False)
+    monkeypatch.delenv("FINE_TUNING_DATA_PVC", raising=False)
     monkeypatch.setenv("FINE_TUNING_IMAGE", "registry.example/fine-tuning:1.2.3")
     monkeypatch.setenv("FINE_TUNING_NAMESPACE", "ml-fine-tuning")
     with DAG("pods_render", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")):
@@ -71,3 +78,45 @@ def test_local_mode_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINE_TUNING_MODE", "cluster")
     with pytest.raises(ValueError, match="FINE_TUNING_MODE"):
         fine_tuning_step("collect")
+
+
+def test_step_pods_mount_the_data_claim_where_the_helm_values_put_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Parsed by a component of the Helm deployment (its env), every step pod, the self-hosted
+    train pod included, mounts the data claim at the components' data path: a status file or a
+    dataset path written in a pod names the same file in the worker and the triggerer."""
+    values = yaml.safe_load((REPO / "helm-values.yaml").read_text())
+    env = {e["name"]: e["value"] for e in values["env"]}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config_file = tmp_path / "training_config.json"  # the ConfigMap's file, switched to self-hosted
+    configmap_data = yaml.safe_load(values["extraConfigMaps"]["fine-tuning-config"]["data"])
+    configmap = json.loads(configmap_data["training_config.json"])
+    configmap["training"] = {"provider": "selfhosted", "selfhosted": {"base_model_path": "/models/tiny"}}
+    config_file.write_text(json.dumps(configmap))
+    monkeypatch.setenv("FINE_TUNING_CONFIG_FILE", str(config_file))
+
+    with DAG("pods_helm", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")):
+        operators = [fine_tuning_step(step, mode="kubernetes") for step in STEPS]
+    for operator in operators:
+        pod = operator.build_pod_request_obj(dry_run=True)
+        container = pod.spec.containers[0]
+        claims = {v.name: v.persistent_volume_claim.claim_name for v in pod.spec.volumes
+                  if v.persistent_volume_claim}
+        data = [m.mount_path for m in container.volume_mounts
+                if claims.get(m.name) == env["FINE_TUNING_DATA_PVC"]]
+        assert data == [env["FINE_TUNING_DATA_DIR"]], operator.task_id
+        plain = {e.name: e.value for e in container.env if e.value_from is None}
+        assert plain["FINE_TUNING_DATA_DIR"] == env["FINE_TUNING_DATA_DIR"], operator.task_id
+        if operator.task_id == "train":
+            assert "/models" in {m.mount_path for m in container.volume_mounts}
+
+
+def test_a_relative_data_dir_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINE_TUNING_DATA_DIR", "data")
+    with (
+        DAG("pods_relative", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")),
+        pytest.raises(ValueError, match="FINE_TUNING_DATA_DIR 'data' must be an absolute path"),
+    ):
+        fine_tuning_step("collect", mode="kubernetes")

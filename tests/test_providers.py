@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import airflow.sdk  # noqa: F401 - importing Airflow puts plugins/ on sys.path
 import httpx
 import pytest
 

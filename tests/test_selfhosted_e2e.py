@@ -35,7 +35,10 @@ def test_weekly_dag_end_to_end_selfhosted(
     base = build_tiny_chat_model(sample, tmp_path / "tiny-chat")
     config_file = Path(airflow["FINE_TUNING_CONFIG_FILE"])
     config = json.loads(config_file.read_text())
-    config["training"] = {"provider": "selfhosted", "poll_interval_seconds": 0.5, "selfhosted": {
+    # What a user switching to self-hosted sets: the provider and the base model; nothing about
+    # OpenAI (base_model names no OpenAI model, and nothing counts tokens with tiktoken for it).
+    config["training"] = {"provider": "selfhosted", "base_model": "tiny-chat", "poll_interval_seconds": 0.5,
+                          "selfhosted": {
         "base_model_path": str(base), "max_steps": 10, "batch_size": 8, "learning_rate": 0.01, "lora_r": 4,
         "max_length": 256,
     }}
@@ -45,6 +48,8 @@ def test_weekly_dag_end_to_end_selfhosted(
     assert state == "success", tasks
     assert tasks["train"] == tasks["wait"] == tasks["register"] == "success", tasks
     assert openai_env.state()["jobs"] == []  # OpenAI was never asked to train
+    collected = json.loads(next(Path(airflow["FINE_TUNING_DATA_DIR"]).glob("*/*/collect.json")).read_text())
+    assert collected["token_counter"] == f"{base / 'tokenizer.json'} with its chat template"
 
     client = MlflowClient(mlflow_uri, mlflow_uri)
     version = client.get_model_version_by_alias("content-agent", "challenger")

@@ -191,3 +191,168 @@ def test_estimate_training_cost() -> None:
     assert tokens.estimate_training_cost(0, 1, 25.0) == 0.0
     with pytest.raises(ValueError, match="tokens"):
         tokens.estimate_training_cost(-1, 1, 1.0)
+
+
+# ------------------------------------------------------------ counting follows training.provider
+
+# Texts like the posts collection writes, and some that are hard on a tokenizer.
+CHAT_EXAMPLES = [
+    [
+        {"role": "system", "content": "You write social posts as persona p1."},
+        {"role": "user", "content": "Create engaging content"},
+        {"role": "assistant", "content": "Small wins compound: show up every morning."},
+    ],
+    [
+        {"role": "system", "content": "You write social posts as persona p2."},
+        {"role": "user", "content": "Hook!\n\nWrite a detailed post:"},
+        {"role": "assistant", "content": "Café 日本語 🎉 <|im_end|> <|endoftext|>\n\ttabs  and  spaces"},
+    ],
+]
+
+
+def selfhosted_training(**selfhosted: object) -> object:
+    from fine_tuning.config import load_config
+
+    params: dict = {"training_provider": "selfhosted", "training": {"selfhosted": selfhosted}}
+    return load_config(env={}, params=params).training
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base model directory with only a tokenizer, trained offline on post-like text."""
+    pytest.importorskip("transformers")
+    from fine_tuning.providers.tiny_model import build_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-tokenizer")
+    sample = directory / "sample.jsonl"
+    sample.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHAT_EXAMPLES * 5))
+    build_tiny_tokenizer(sample, directory / "model")
+    return directory / "model"
+
+
+def test_openai_providers_count_with_the_base_models_encoding() -> None:
+    from fine_tuning.config import load_config
+
+    for provider in ("openai", "azure_openai"):
+        params = {"training_provider": provider, "base_model": "gpt-4o-mini-2024-07-18"}
+        counter = tokens.chat_token_counter(load_config(env={}, params=params).training)
+        assert counter.exact and counter.description == "tiktoken o200k_base (gpt-4o-mini-2024-07-18)"
+        assert counter.count(COOKBOOK_MESSAGES) == 124
+
+
+def test_an_openai_provider_with_a_model_of_its_own_is_refused_by_name() -> None:
+    from fine_tuning.config import load_config
+
+    training = load_config(env={}, params={"base_model": "Qwen/Qwen2.5-0.5B-Instruct"}).training
+    expected = r"training\.base_model 'Qwen/Qwen2\.5-0\.5B-Instruct'.*provider 'selfhosted'"
+    with pytest.raises(tokens.UnknownModelError, match=expected):
+        tokens.chat_token_counter(training)
+
+
+def test_selfhosted_counts_what_the_trainer_sees_with_the_base_models_tokenizer(
+    tiny_tokenizer_dir: Path,
+) -> None:
+    """The count is the length of the model's chat template applied and tokenized, as
+    transformers (what trl's SFT trainer uses) computes it; training.base_model plays no part."""
+    from transformers import AutoTokenizer
+
+    training = selfhosted_training(base_model_path=str(tiny_tokenizer_dir))
+    training.base_model = "not-an-openai-model"
+    counter = tokens.chat_token_counter(training)
+    assert counter.exact
+    assert counter.description == f"{tiny_tokenizer_dir / 'tokenizer.json'} with its chat template"
+    reference = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    for messages in CHAT_EXAMPLES:
+        expected = reference.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert counter.count(messages) == len(expected)
+    # Words the tiny tokenizer never saw fall apart into bytes: its own count, not OpenAI's.
+    unseen = [{"role": "user", "content": "Quarterly synergies leverage bandwidth across verticals"}]
+    assert counter.count(unseen) > 2 * tokens.count_chat_tokens(unseen, "gpt-4o")
+    assert tokens.chat_token_counter(training) is counter  # loaded once per process
+
+
+def test_selfhosted_approximates_with_the_named_encoding_and_says_why(tmp_path: Path) -> None:
+    unset = tokens.chat_token_counter(selfhosted_training())
+    assert not unset.exact
+    assert unset.description == (
+        "tiktoken o200k_base (approximation: training.selfhosted.base_model_path is not set)"
+    )
+    assert unset.count(COOKBOOK_MESSAGES) == tokens.count_chat_tokens(COOKBOOK_MESSAGES, "gpt-4o")
+
+    # The collect pod does not mount the base model volume: the path is not there.
+    missing = tokens.chat_token_counter(
+        selfhosted_training(base_model_path=str(tmp_path / "models" / "qwen"), token_encoding="cl100k_base")
+    )
+    assert missing.description == (
+        f"tiktoken cl100k_base (approximation: no tokenizer.json in training.selfhosted.base_model_path "
+        f"{tmp_path / 'models' / 'qwen'})"
+    )
+    assert missing.count(COOKBOOK_MESSAGES) == tokens.count_chat_tokens(COOKBOOK_MESSAGES, "gpt-4")
+
+
+def test_unknown_token_encoding_is_a_config_error_naming_it() -> None:
+    from fine_tuning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training\.selfhosted\.token_encoding.*'p50k_base'"):
+        selfhosted_training(token_encoding="p50k_base")
+
+
+def test_without_the_transformers_library_the_count_is_approximate(tiny_tokenizer_dir: Path) -> None:
+    """The slim Airflow image has no ``transformers`` (it is in requirements-selfhosted.txt only)."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        sys.modules["transformers"] = None  # as in an image without the package
+        from fine_tuning import tokens
+        from fine_tuning.config import load_config
+        training = load_config(env={}, params={"training_provider": "selfhosted",
+                                               "training.selfhosted.base_model_path": sys.argv[1]}).training
+        counter = tokens.chat_token_counter(training)
+        print(json.dumps({"exact": counter.exact, "description": counter.description}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_tokenizer_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "exact": False,
+        "description": "tiktoken o200k_base (approximation: the transformers package is not installed in this "
+        "image (requirements-selfhosted.txt has it))",
+    }
+
+
+def test_a_chat_template_that_cannot_render_collected_examples_is_not_used(
+    tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    model = tmp_path / "no-system-role"
+    shutil.copytree(tiny_tokenizer_dir, model)
+    # Some models' templates refuse a system message; trl's SFT would fail on the same data.
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    counter = tokens.chat_token_counter(selfhosted_training(base_model_path=str(model)))
+    assert not counter.exact
+    assert "cannot render a system/user/assistant example: System role not supported" in counter.description
+
+
+def test_words_bound_tokens_only_where_the_pre_tokenizer_splits_words(
+    tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    assert tokens.base_model_counter(str(tiny_tokenizer_dir)).words_bound_tokens
+    model = tmp_path / "no-pre-tokenizer"
+    shutil.copytree(tiny_tokenizer_dir, model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = None
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    counter = tokens.base_model_counter(str(model))
+    assert counter.exact and not counter.words_bound_tokens

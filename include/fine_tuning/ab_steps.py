@@ -51,13 +51,21 @@ def baseline_model(config: PipelineConfig) -> str:
 
 
 def ab_create(config: PipelineConfig, ctx: RunContext, registered: RegistrationManifest) -> ABTestManifest:
-    """Start the A/B test of the registered candidate (idempotent per dag run)."""
-    from fine_tuning import ab
+    """Start the A/B test of the registered candidate (idempotent per dag run).
 
+    A self-hosted candidate (and a self-hosted baseline, the rollback target) is loaded into
+    the vLLM server first: if vLLM refuses, the error names the server and the adapter, and no
+    test is recorded and no traffic is routed.
+    """
+    from fine_tuning import ab
+    from fine_tuning.providers.selfhosted import serve_adapters
+
+    baseline = baseline_model(config)
+    serve_adapters(config, [baseline, registered.fine_tuned_model])
     test = ab.create_ab_test(
         config,
         redis_client(config),
-        baseline_model=baseline_model(config),
+        baseline_model=baseline,
         candidate_model=registered.fine_tuned_model,
         candidate_version=registered.model_version,
         now=now_utc(),
@@ -119,8 +127,13 @@ def deployment_manifest(record: dict[str, Any]) -> DeploymentManifest:
 
 
 def deploy(config: PipelineConfig, ctx: RunContext, evaluation: EvaluationManifest) -> DeploymentManifest:
-    """Start the rollout of a promoted candidate; a rejected one is not deployed."""
-    from fine_tuning import rollout
+    """Start the rollout of a promoted candidate; a rejected one is not deployed.
+
+    Self-hosted adapters (the candidate, and the baseline that a rollback returns to) are loaded
+    into vLLM again first, idempotently: a vLLM restart since the A/B test forgets them.
+    """
+    from fine_tuning import ab, rollout
+    from fine_tuning.providers.selfhosted import serve_adapters
 
     if evaluation.decision != "promote":
         verdicts = [r.get("note") for r in evaluation.reasons if r.get("criterion") == "verdict"]
@@ -128,6 +141,8 @@ def deploy(config: PipelineConfig, ctx: RunContext, evaluation: EvaluationManife
             f"A/B test {evaluation.ab_test_id} decided {evaluation.decision!r}: "
             + ("; ".join(v for v in verdicts if v) or "criteria not met")
         )
+    test = ab.get_ab_test(config, evaluation.ab_test_id)
+    serve_adapters(config, [test["baseline_model"], test["candidate_model"]])
     record = rollout.deploy(config, redis_client(config), evaluation.ab_test_id, now_utc())
     return deployment_manifest(record)
 

@@ -116,9 +116,20 @@ class SelfHostedConfig(_Section):
     base_model_mount: str = Field("/models", min_length=1)
     # The trainer image (Dockerfile target ``trainer``); None: FINE_TUNING_TRAINER_IMAGE or the step image.
     trainer_image: str | None = None
-    # A vLLM OpenAI-compatible server that loads the adapter (``POST /v1/load_lora_adapter``).
+    # Token counting at collection uses the base model's own tokenizer and chat template (under
+    # base_model_path, applied by ``transformers``). Where that cannot be read (the slim
+    # Airflow image, a collect pod without the base model volume), this tiktoken encoding
+    # approximates the count, and the collect manifest says so. Only these two work offline.
+    token_encoding: Literal["o200k_base", "cl100k_base"] = "o200k_base"
+    # A vLLM OpenAI-compatible server (``--enable-lora``, runtime LoRA updating allowed) that the
+    # A/B step loads the candidate adapter into before routing traffic to it, and the deploy again
+    # (``POST /v1/load_lora_adapter``). None: the adapters are served by other means.
     serving_base_url: str | None = None
-    # The directory of the adapters as the vLLM server sees it (a shared volume).
+    # vLLM's ``--api-key``, when it has one.
+    serving_api_key: SecretStr | None = None
+    # The jobs directory (``{data_dir}/{output_dir}``) as the vLLM server sees it (a shared
+    # volume); the adapter of job J is ``{serving_adapter_root}/J/adapter``. None: the same path
+    # as here (one machine).
     serving_adapter_root: str | None = None
 
 
@@ -126,6 +137,8 @@ class TrainingConfig(_Section):
     provider: Literal["openai", "azure_openai", "selfhosted"] = "openai"
     azure: AzureOpenAIConfig = Field(default_factory=AzureOpenAIConfig)
     selfhosted: SelfHostedConfig = Field(default_factory=SelfHostedConfig)
+    # The OpenAI model to fine-tune (openai, azure_openai). The selfhosted provider trains
+    # ``selfhosted.base_model_path`` and counts tokens with its tokenizer: this is not read then.
     base_model: str = Field("gpt-3.5-turbo-0125", min_length=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     suffix: str = Field("weekly", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
@@ -393,6 +406,8 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "AZURE_OPENAI_API_KEY": ("training", "azure", "api_key"),
     "AZURE_OPENAI_ENDPOINT": ("training", "azure", "endpoint"),
     "FINE_TUNING_BASE_MODEL_PATH": ("training", "selfhosted", "base_model_path"),
+    "FINE_TUNING_SERVING_BASE_URL": ("training", "selfhosted", "serving_base_url"),
+    "VLLM_API_KEY": ("training", "selfhosted", "serving_api_key"),
     "MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"),
     "MLFLOW_EXPERIMENT_NAME": ("mlflow", "experiment_name"),
     "STATSD_HOST": ("monitoring", "statsd_host"),

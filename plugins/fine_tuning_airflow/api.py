@@ -654,7 +654,11 @@ def _stop_ab_test(config: PipelineConfig, ab_test_id: str) -> bool:
     "/evaluation/create-ab-test",
     response_model=CreateABTestResponse,
     status_code=status.HTTP_201_CREATED,
-    responses={**COMMON_ERRORS, 409: {"description": "The test cannot start (e.g. strict power check)"}},
+    responses={
+        **COMMON_ERRORS,
+        409: {"description": "The test cannot start (e.g. strict power check)"},
+        502: {"description": "The vLLM server did not load a self-hosted adapter"},
+    },
     dependencies=[Depends(edit_pipeline)],
 )
 def create_ab_test(body: CreateABTestRequest) -> CreateABTestResponse:
@@ -672,6 +676,7 @@ def create_ab_test(body: CreateABTestRequest) -> CreateABTestResponse:
     if body.model_type:
         evaluation["model_type"] = body.model_type
     config = pipeline_config({"evaluation": evaluation})
+    _serve(config, body.baseline_model.model_id, body.candidate_model.model_id)
     try:
         test = ab.create_ab_test(
             config,
@@ -693,6 +698,19 @@ def create_ab_test(body: CreateABTestRequest) -> CreateABTestResponse:
         power_plan=test["power_plan"],
         monitoring_endpoints={"metrics": f"{URL_PREFIX}/evaluation/metrics/{test['id']}"},
     )
+
+
+def _serve(config: PipelineConfig, *model_ids: str) -> None:
+    """Load self-hosted adapters into vLLM before any request is routed to them (as the DAG's
+    steps do): 502 when vLLM does not, 422 for a name that cannot be an adapter's."""
+    from fine_tuning.providers.selfhosted import AdapterLoadError, serve_adapters
+
+    try:
+        serve_adapters(config, model_ids)
+    except AdapterLoadError as exc:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(exc)) from None
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
 
 def _relative(candidate: float | None, baseline: float | None, lower_is_better: bool = False) -> float | None:
@@ -796,6 +814,7 @@ def ab_test_metrics(ab_test_id: str = identifier()) -> ABMetricsResponse:
         **COMMON_ERRORS,
         404: {"description": "No such A/B test"},
         409: {"description": "A safety check refused the deployment"},
+        502: {"description": "The vLLM server did not load a self-hosted adapter"},
     },
     dependencies=[Depends(edit_rollouts)],
 )
@@ -824,6 +843,7 @@ def deploy(body: DeployRequest) -> DeploymentResponse:
                 f"model_version.model_id {body.model_version.model_id!r} is not the candidate of "
                 f"A/B test {result.ab_test_id} ({test['candidate_model']!r})",
             )
+        _serve(config, test["baseline_model"], test["candidate_model"])
         record = rollout.deploy(config, redis_client(config), result.ab_test_id, now_utc(), body.deployment_strategy)
     except ab.UnknownABTest as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None

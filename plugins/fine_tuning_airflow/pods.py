@@ -2,6 +2,12 @@
 
 Settings come from the environment of the component that parses the DAG (set by the Helm
 values), never from a Variable or a database at parse time.
+
+The data volume (claim ``FINE_TUNING_DATA_PVC``, ReadWriteMany) is mounted in every step pod at
+the path where the Airflow components have it (``FINE_TUNING_DATA_DIR``): the self-hosted
+trainer's status files, the datasets and the manifests are then the same files at the same
+absolute paths in a pod, a worker and the triggerer (tests/test_deploy_files.py checks the Helm
+values against this).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from typing import Any
 
 from fine_tuning.steps import EXIT_SKIPPED
 
+# Where the data volume is mounted when the parsing component does not say (FINE_TUNING_DATA_DIR).
 DATA_MOUNT = "/data/fine_tuning"
 CONFIG_MOUNT = "/etc/fine-tuning"
 
@@ -24,6 +31,7 @@ def pod_settings() -> dict[str, str]:
         "secret": env.get("FINE_TUNING_SECRET", "fine-tuning-secrets"),
         "config_map": env.get("FINE_TUNING_CONFIGMAP", "fine-tuning-config"),
         "data_pvc": env.get("FINE_TUNING_DATA_PVC", "fine-tuning-data"),
+        "data_dir": env.get("FINE_TUNING_DATA_DIR") or DATA_MOUNT,
     }
 
 
@@ -111,6 +119,12 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
     settings = pod_settings()
     from fine_tuning.steps import task_id
 
+    if not settings["data_dir"].startswith("/"):
+        raise ValueError(
+            f"FINE_TUNING_DATA_DIR {settings['data_dir']!r} must be an absolute path: "
+            "the step pods mount the data volume there"
+        )
+
     selfhosted = selfhosted_training() if step == "train" else None
     if selfhosted is not None:
         overrides = selfhosted_train_overrides(selfhosted, settings["image"])
@@ -128,7 +142,7 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
         cmds=["python", "-m", "fine_tuning"],
         arguments=step_arguments(step),
         env_vars={
-            "FINE_TUNING_DATA_DIR": DATA_MOUNT,
+            "FINE_TUNING_DATA_DIR": settings["data_dir"],
             "FINE_TUNING_CONFIG_FILE": f"{CONFIG_MOUNT}/training_config.json",
             "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "http://mlflow.monitoring:5000"),
             "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
@@ -152,7 +166,7 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
             *overrides.get("volumes", []),
         ],
         volume_mounts=[
-            k8s.V1VolumeMount(name="data", mount_path=DATA_MOUNT),
+            k8s.V1VolumeMount(name="data", mount_path=settings["data_dir"]),
             k8s.V1VolumeMount(name="config", mount_path=CONFIG_MOUNT, read_only=True),
             *overrides.get("volume_mounts", []),
         ],

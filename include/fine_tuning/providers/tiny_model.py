@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # A ChatML-like template; the tokenizer's special tokens below are the markers it uses.
 CHAT_TEMPLATE = (
@@ -27,22 +28,16 @@ def _texts(dataset_path: Path) -> Iterator[str]:
                     yield f"{message['role']}\n{message['content']}"
 
 
-def build_tiny_chat_model(
-    dataset_path: str | Path,
-    output_dir: str | Path,
-    *,
-    vocab_size: int = 512,
-    hidden_size: int = 48,
-    layers: int = 2,
-    seed: int = 0,
-) -> Path:
-    """Train a byte-level BPE tokenizer on ``dataset_path`` and save it with a random tiny Llama.
+def build_tiny_tokenizer(dataset_path: str | Path, output_dir: str | Path, *, vocab_size: int = 512) -> Any:
+    """Train a byte-level BPE tokenizer on ``dataset_path``; save it with the chat template.
 
-    :returns: ``output_dir``, loadable with ``AutoModelForCausalLM``/``AutoTokenizer`` offline.
+    Needs ``tokenizers`` and ``transformers`` but not torch: enough for token counting.
+
+    :returns: the ``PreTrainedTokenizerFast`` (also saved in ``output_dir``: ``tokenizer.json``,
+        ``tokenizer_config.json``, ``chat_template.jinja``).
     """
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -64,6 +59,27 @@ def build_tiny_chat_model(
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(output)
+    return fast
+
+
+def build_tiny_chat_model(
+    dataset_path: str | Path,
+    output_dir: str | Path,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 48,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE tokenizer on ``dataset_path`` and save it with a random tiny Llama.
+
+    :returns: ``output_dir``, loadable with ``AutoModelForCausalLM``/``AutoTokenizer`` offline.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    output = Path(output_dir)
+    fast = build_tiny_tokenizer(dataset_path, output, vocab_size=vocab_size)
 
     torch.manual_seed(seed)
     config = LlamaConfig(
