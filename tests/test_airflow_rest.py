@@ -346,35 +346,6 @@ def _assert_each_week_collected(
     assert len(scanned) == len(ticks)
 
 
-def test_settings_file_loads_into_airflow(airflow: dict[str, Any], api: httpx.Client, tmp_path: Path) -> None:
-    """`python -m fine_tuning settings` puts airflow_settings.yaml's entries where the REST API
-    (and the tasks) find them; a wrong file names its mistake and imports nothing."""
-    repo = Path(__file__).resolve().parents[1]
-    loader = [sys.executable, "-m", "fine_tuning", "settings"]
-    done = subprocess.run([*loader, str(repo / "airflow_settings.yaml")], env=airflow["env"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    import yaml
-
-    expected = yaml.safe_load((repo / "airflow_settings.yaml").read_text())["airflow"]
-    for conn in expected["connections"]:
-        got = api.get(f"/api/v2/connections/{conn['conn_id']}")
-        assert got.status_code == 200, got.text
-        assert got.json()["conn_type"] == conn["conn_type"] and got.json()["host"] == conn.get("conn_host")
-    for pool in expected["pools"]:
-        assert api.get(f"/api/v2/pools/{pool['pool_name']}").json()["slots"] == pool["pool_slot"]
-    for variable in expected.get("variables", []):
-        assert api.get(f"/api/v2/variables/{variable['variable_name']}").json()["value"] == str(variable["variable_value"])
-
-    bad = tmp_path / "airflow_settings.yaml"
-    bad.write_text("airflow:\n  connections:\n    - conn_id: extra_one\n      conn_type: http\n"
-                   "    - conn_id: broken\n      conn_type: postgres\n      conn_prot: 5432\n")
-    done = subprocess.run([*loader, str(bad)], env=airflow["env"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "airflow.connections[1] (broken).conn_prot: unknown key" in done.stderr, done.stderr
-    assert api.get("/api/v2/connections/extra_one").status_code == 404  # nothing half-imported
-
-
 def test_status_endpoint_under_concurrent_polling(airflow: dict[str, Any], api: httpx.Client) -> None:
     """50 clients poll one pipeline's status at once: no errors; p50/p99 printed.
 
@@ -414,3 +385,37 @@ def test_status_endpoint_under_concurrent_polling(airflow: dict[str, Any], api: 
     print(f"load: 50 clients x {seconds:.0f} s: {len(ordered)} requests, p50 {p50 * 1000:.0f} ms, "
           f"p99 {p99 * 1000:.0f} ms, errors {len(errors)}")
     assert not errors, errors[:10]
+
+
+def test_settings_file_loads_into_airflow(airflow: dict[str, Any], api: httpx.Client, tmp_path: Path) -> None:
+    """`python -m fine_tuning settings` puts airflow_settings.yaml's entries where the REST API
+    (and the tasks) find them; a wrong file names its mistake and imports nothing. Last in the
+    module: from here on the tasks of this Airflow would use the file's postgres_default."""
+    repo = Path(__file__).resolve().parents[1]
+    loader = [sys.executable, "-m", "fine_tuning", "settings"]
+    done = subprocess.run([*loader, str(repo / "airflow_settings.yaml")], env=airflow["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import yaml
+
+    expected = yaml.safe_load((repo / "airflow_settings.yaml").read_text())["airflow"]
+    for conn in expected["connections"]:
+        got = api.get(f"/api/v2/connections/{conn['conn_id']}")
+        assert got.status_code == 200, got.text
+        assert got.json()["conn_type"] == conn["conn_type"] and got.json()["host"] == conn.get("conn_host")
+    for pool in expected["pools"]:
+        assert api.get(f"/api/v2/pools/{pool['pool_name']}").json()["slots"] == pool["pool_slot"]
+    # Variables too (the repo's file has none: the pipeline reads its config, not Variables).
+    extra = tmp_path / "more_settings.yaml"
+    extra.write_text("airflow:\n  variables:\n    - variable_name: team_contact\n      variable_value: ml-platform\n")
+    done = subprocess.run([*loader, str(extra)], env=airflow["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert api.get("/api/v2/variables/team_contact").json()["value"] == "ml-platform"
+
+    bad = tmp_path / "airflow_settings.yaml"
+    bad.write_text("airflow:\n  connections:\n    - conn_id: extra_one\n      conn_type: http\n"
+                   "    - conn_id: broken\n      conn_type: postgres\n      conn_prot: 5432\n")
+    done = subprocess.run([*loader, str(bad)], env=airflow["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "airflow.connections[1] (broken).conn_prot: unknown key" in done.stderr, done.stderr
+    assert api.get("/api/v2/connections/extra_one").status_code == 404  # nothing half-imported

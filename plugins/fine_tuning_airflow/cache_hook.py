@@ -57,17 +57,12 @@ class CachedMetricsHook(BaseHook):
     def _connection_url(self, conn_id: str, scheme: str) -> str | None:
         from airflow.sdk.exceptions import AirflowNotFoundException
 
+        from fine_tuning_airflow.hooks import connection_url
+
         try:
-            conn = self.get_connection(conn_id)
+            return connection_url(self.get_connection(conn_id), scheme)
         except AirflowNotFoundException:
             return None
-        from urllib.parse import quote
-
-        auth = ""
-        if conn.login or conn.password:
-            auth = quote(conn.login or "", safe="") + (f":{quote(conn.password, safe='')}" if conn.password else "") + "@"
-        port = f":{conn.port}" if conn.port else ""
-        return f"{scheme}://{auth}{conn.host or '127.0.0.1'}{port}/{conn.schema or ''}"
 
     def database_url(self) -> str:
         url = self._connection_url(self.postgres_conn_id, "postgresql")

@@ -1,4 +1,4 @@
-"""A stateless hook: reads the OpenAI connection and hands out clients and config."""
+"""Stateless hooks: the OpenAI connection (clients and config), and the services' connections."""
 
 from __future__ import annotations
 
@@ -74,3 +74,87 @@ class OpenAIFineTuningHook(BaseHook):
                 f"no OpenAI API key: set the password of connection {self.openai_conn_id!r} or OPENAI_API_KEY"
             )
         return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+
+
+def connection_url(conn: Any, scheme: str) -> str:
+    """A connection as a URL the libraries take (psycopg, redis-py): ``scheme://login:password@host:port/schema``.
+
+    For PostgreSQL the extras (``sslmode``, ``options``...) become libpq query parameters; for
+    Redis the database number comes from the extra ``db`` (else the schema, else 0).
+    """
+    from urllib.parse import quote, urlencode
+
+    auth = ""
+    if conn.login or conn.password:
+        auth = quote(conn.login or "", safe="") + (f":{quote(conn.password, safe='')}" if conn.password else "") + "@"
+    port = f":{conn.port}" if conn.port else ""
+    extras = conn.extra_dejson or {}
+    if scheme == "redis":
+        return f"redis://{auth}{conn.host or '127.0.0.1'}{port}/{extras.get('db', conn.schema or 0)}"
+    query = urlencode({k: v for k, v in extras.items() if isinstance(v, str | int | float)})
+    return f"{scheme}://{auth}{conn.host or '127.0.0.1'}{port}/{conn.schema or ''}" + (f"?{query}" if query else "")
+
+
+class ServiceConnectionsHook(BaseHook):
+    """The posts database, Redis and MLflow from Airflow connections, where they exist.
+
+    ``postgres_default`` (the posts database), ``redis_default`` (routing, breakers, cache) and
+    ``mlflow_default`` (the tracking server: its host is the URI) take the place of
+    ``DATABASE_URL`` / ``REDIS_URL`` / ``MLFLOW_TRACKING_URI``; a missing connection leaves the
+    environment's value. ``airflow_settings.yaml`` defines all three.
+    """
+
+    conn_name_attr = "postgres_conn_id"
+    default_conn_name = "postgres_default"
+    conn_type = "postgres"
+    hook_name = "Fine-tuning pipeline services"
+
+    def __init__(
+        self,
+        postgres_conn_id: str = "postgres_default",
+        redis_conn_id: str = "redis_default",
+        mlflow_conn_id: str = "mlflow_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.postgres_conn_id = postgres_conn_id
+        self.redis_conn_id = redis_conn_id
+        self.mlflow_conn_id = mlflow_conn_id
+
+    def _connection(self, conn_id: str) -> Any | None:
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            return self.get_connection(conn_id)
+        except AirflowNotFoundException:
+            return None
+
+    def database_url(self) -> str | None:
+        conn = self._connection(self.postgres_conn_id)
+        return connection_url(conn, "postgresql") if conn else None
+
+    def redis_url(self) -> str | None:
+        conn = self._connection(self.redis_conn_id)
+        return connection_url(conn, "redis") if conn else None
+
+    def mlflow_tracking_uri(self) -> str | None:
+        conn = self._connection(self.mlflow_conn_id)
+        if conn is None or not conn.host:
+            return None
+        if "://" in conn.host:
+            return conn.host
+        return f"http://{conn.host}" + (f":{conn.port}" if conn.port else "")
+
+    def apply_to(self, config: PipelineConfig) -> PipelineConfig:
+        """The config with each existing connection in place of the environment's value."""
+        from pydantic import SecretStr
+
+        services: dict[str, Any] = {}
+        if (database_url := self.database_url()) is not None:
+            services["database_url"] = SecretStr(database_url)
+        if (redis_url := self.redis_url()) is not None:
+            services["redis_url"] = SecretStr(redis_url)
+        update: dict[str, Any] = {"services": config.services.model_copy(update=services)}
+        if (tracking_uri := self.mlflow_tracking_uri()) is not None:
+            update["mlflow"] = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
+        return config.model_copy(update=update)

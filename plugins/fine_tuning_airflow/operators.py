@@ -36,13 +36,15 @@ def run_context(context: Context) -> RunContext:
 
 
 def resolve_config(context: Context, openai_conn_id: str) -> PipelineConfig:
-    """Defaults < config file < environment < this run's params, then the connection's secrets."""
+    """Defaults < config file < environment < this run's params, then the Airflow connections
+    (OpenAI's key and URL; the posts database, Redis and MLflow where those connections exist)."""
     from fine_tuning.config import load_config
 
-    from fine_tuning_airflow.hooks import OpenAIFineTuningHook
+    from fine_tuning_airflow.hooks import OpenAIFineTuningHook, ServiceConnectionsHook
 
     params = {k: v for k, v in dict(context["params"]).items()}
-    return OpenAIFineTuningHook(openai_conn_id).apply_to(load_config(params=params))
+    config = ServiceConnectionsHook().apply_to(load_config(params=params))
+    return OpenAIFineTuningHook(openai_conn_id).apply_to(config)
 
 
 def _fail_fast(exc: BaseException) -> BaseException:
