@@ -114,7 +114,7 @@ class SelfHostedConfig(_Section):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     base_model_pvc: str = Field("base-models", min_length=1)
     base_model_mount: str = Field("/models", min_length=1)
-    # The trainer image (Dockerfile target ``trainer``); None: FINE_TUNING_TRAINER_IMAGE or the step image.
+    # The trainer image (built from ``Dockerfile.trainer``); None: FINE_TUNING_TRAINER_IMAGE or the step image.
     trainer_image: str | None = None
     # Token counting at collection uses the base model's own tokenizer and chat template (under
     # base_model_path, applied by ``transformers``). Where that cannot be read (the slim
