@@ -246,7 +246,7 @@ async def test_trigger_waits_for_a_selfhosted_job(selfhosted_config: PipelineCon
     assert event.payload["result"]["model_reference"].startswith("selfhosted:")
 
 
-def test_selfhosted_train_pod_asks_for_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selfhosted_train_pod_asks_for_the_gpu_and_collect_reads_the_base_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pendulum
     from airflow.sdk import DAG
 
@@ -262,6 +262,7 @@ def test_selfhosted_train_pod_asks_for_the_gpu(tmp_path: Path, monkeypatch: pyte
     with DAG("selfhosted_pods", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")):
         train = fine_tuning_step("train", mode="kubernetes")
         upload = fine_tuning_step("upload", mode="kubernetes")
+        collect = fine_tuning_step("collect", mode="kubernetes")
     pod = train.build_pod_request_obj(dry_run=True)
     container = pod.spec.containers[0]
     assert container.image == "reg/trainer:1"
@@ -275,6 +276,13 @@ def test_selfhosted_train_pod_asks_for_the_gpu(tmp_path: Path, monkeypatch: pyte
     assert env["FINE_TUNING_SELFHOSTED_FOREGROUND"] == "1"
     other = upload.build_pod_request_obj(dry_run=True).spec.containers[0]  # only train gets the GPU
     assert "nvidia.com/gpu" not in (other.resources.limits or {})
+    assert other.image != "reg/trainer:1" and "/models" not in {m.mount_path for m in other.volume_mounts}
+    # collect counts tokens with the base model's tokenizer: the trainer image, the model read-only, no GPU.
+    collect_pod = collect.build_pod_request_obj(dry_run=True)
+    counter = collect_pod.spec.containers[0]
+    assert counter.image == "reg/trainer:1" and "nvidia.com/gpu" not in (counter.resources.limits or {})
+    assert {m.mount_path: m.read_only for m in counter.volume_mounts}["/models"] is True
+    assert not collect_pod.spec.node_selector
 
 
 def test_load_lora_adapter_posts_to_vllm() -> None:

@@ -80,23 +80,12 @@ def selfhosted_training() -> Any | None:
     return training.selfhosted if training.provider == "selfhosted" else None
 
 
-def selfhosted_train_overrides(settings: Any, image: str) -> dict[str, Any]:
-    """The train pod of the ``selfhosted`` provider: a GPU node, the base model volume, the trainer image.
-
-    The pod runs the same step CLI; ``FINE_TUNING_SELFHOSTED_FOREGROUND=1`` makes the provider
-    train in the pod itself (the pod is the job) instead of starting a detached process.
-    """
+def _base_model_overrides(settings: Any, image: str) -> dict[str, Any]:
+    """The trainer image and the base model volume (read-only): what reading the model needs."""
     from kubernetes.client import models as k8s
 
-    gpu = {settings.gpu_resource: str(settings.gpu_count)} if settings.gpu_count else {}
     return {
         "image": settings.trainer_image or os.environ.get("FINE_TUNING_TRAINER_IMAGE") or image,
-        "container_resources": k8s.V1ResourceRequirements(
-            requests={"cpu": settings.cpu, "memory": settings.memory, **gpu},
-            limits={"memory": settings.memory, **gpu},
-        ),
-        "node_selector": dict(settings.node_selector) or None,
-        "tolerations": [k8s.V1Toleration(**t) for t in settings.tolerations] or None,
         "volumes": [
             k8s.V1Volume(
                 name="base-model",
@@ -106,8 +95,40 @@ def selfhosted_train_overrides(settings: Any, image: str) -> dict[str, Any]:
             )
         ],
         "volume_mounts": [k8s.V1VolumeMount(name="base-model", mount_path=settings.base_model_mount, read_only=True)],
-        "env_vars": {"FINE_TUNING_SELFHOSTED_FOREGROUND": "1", "HF_HUB_OFFLINE": "1"},
+        "env_vars": {"HF_HUB_OFFLINE": "1"},
     }
+
+
+def selfhosted_collect_overrides(settings: Any, image: str) -> dict[str, Any]:
+    """The collect pod of the ``selfhosted`` provider: the trainer image (it has transformers)
+    and the base model volume, so tokens are counted exactly with the model's own tokenizer and
+    chat template; no GPU (the slim image would only approximate the count)."""
+    return _base_model_overrides(settings, image)
+
+
+def selfhosted_train_overrides(settings: Any, image: str) -> dict[str, Any]:
+    """The train pod of the ``selfhosted`` provider: a GPU node, the base model volume, the trainer image.
+
+    The pod runs the same step CLI; ``FINE_TUNING_SELFHOSTED_FOREGROUND=1`` makes the provider
+    train in the pod itself (the pod is the job) instead of starting a detached process.
+    """
+    from kubernetes.client import models as k8s
+
+    overrides = _base_model_overrides(settings, image)
+    gpu = {settings.gpu_resource: str(settings.gpu_count)} if settings.gpu_count else {}
+    return {
+        **overrides,
+        "container_resources": k8s.V1ResourceRequirements(
+            requests={"cpu": settings.cpu, "memory": settings.memory, **gpu},
+            limits={"memory": settings.memory, **gpu},
+        ),
+        "node_selector": dict(settings.node_selector) or None,
+        "tolerations": [k8s.V1Toleration(**t) for t in settings.tolerations] or None,
+        "env_vars": {**overrides["env_vars"], "FINE_TUNING_SELFHOSTED_FOREGROUND": "1"},
+    }
+
+
+SELFHOSTED_OVERRIDES = {"collect": selfhosted_collect_overrides, "train": selfhosted_train_overrides}
 
 
 def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
@@ -125,12 +146,12 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
             "the step pods mount the data volume there"
         )
 
-    selfhosted = selfhosted_training() if step == "train" else None
+    selfhosted = selfhosted_training() if step in SELFHOSTED_OVERRIDES else None
     if selfhosted is not None:
-        overrides = selfhosted_train_overrides(selfhosted, settings["image"])
+        overrides = SELFHOSTED_OVERRIDES[step](selfhosted, settings["image"])
     else:
         overrides = {}
-    # The selfhosted train pod adds to the common pod: it keeps the data and config volumes.
+    # The selfhosted pods add to the common pod: they keep the data and config volumes.
     for name in ("node_selector", "tolerations"):
         if overrides.get(name) is not None:
             kwargs.setdefault(name, overrides[name])
