@@ -35,6 +35,14 @@ serve: venv
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 
+## collection, A/B evaluation, metrics cache and DAG parse at scale (up to 5M/10M posts, ~30 min);
+## BENCH_MAX_POSTS caps the sizes; tables on stdout, JSON in bench/results/ (BENCH_RESULTS_DIR)
+bench: venv
+	$(PY) bench/collect_bench.py
+	$(PY) bench/eval_bench.py
+	$(PY) bench/cache_bench.py
+	$(PY) bench/parse_time.py
+
 ## the training half under injected OpenAI faults (0/10/30/50%); SOAK_RUNS per rate (default 20)
 soak: venv
 	SOAK_RUNS=$${SOAK_RUNS:-20} $(PY) bench/fault_soak.py

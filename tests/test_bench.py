@@ -1,0 +1,99 @@
+"""The bench scripts (`make bench`) keep working: each runs at a tiny size, checks its own result
+and writes its JSON; and the compact digest set that keeps collection's memory flat."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fine_tuning import collect
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "BENCH_MAX_POSTS": "3000",
+    "BENCH_EVAL_REPEATS": "2",
+    "BENCH_CACHE_SECONDS": "3",
+    "BENCH_CACHE_READERS": "4",
+    "BENCH_CACHE_PROCESSES": "2",
+    "BENCH_PARSE_REPEATS": "2",
+}
+
+
+def run_bench(script: str, results: Path) -> dict[str, Any]:
+    env = {**os.environ, **TINY, "BENCH_RESULTS_DIR": str(results)}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    name = script.removesuffix("_bench.py").removesuffix(".py")
+    return json.loads((results / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_collect_bench(tmp_path: Path) -> None:
+    result = run_bench("collect_bench.py", tmp_path)
+    (row,) = result["rows"]  # every default size is capped to 3000
+    assert set(row) == {"posts", "seconds", "posts_per_s", "peak_rss_mb", "queries", "copy_limit_posts_per_s",
+                        "naive_posts_per_s", "naive_peak_rss_mb"}
+    assert row["posts"] == 3000 and row["seconds"] > 0 and row["peak_rss_mb"] > 0
+    (detail,) = result["details"]
+    # One SELECT, through a cursor: DECLARE ... FETCH ... CLOSE in one read-only transaction.
+    assert detail["statements"]["DECLARE"] == 1 and detail["statements"]["FETCH"] >= 1
+    assert row["queries"] == sum(n for kind, n in detail["statements"].items() if kind != "FETCH")
+    assert detail["naive_statements"].get("SELECT") == 1
+    assert detail["examples_fingerprint"]["lines"] == detail["examples_written"] > 0
+    assert result["machine"]["cores"] >= 1
+
+
+@pytest.mark.slow
+def test_eval_bench(tmp_path: Path) -> None:
+    result = run_bench("eval_bench.py", tmp_path)
+    assert [r["index"] for r in result["rows"]] == ["none", "shipped", "covering (not shipped)"]
+    for row in result["rows"]:
+        assert row["posts"] == 3000 and 0 < row["window_posts"] < 3000
+        assert row["queries_per_evaluation"] == 1  # one query per evaluation of a test
+        assert row["check"] == "equal to the naive Python pass"
+        assert row["seconds"] > 0 and row["peak_rss_mb"] > 0 and row["plan"]["scan"]
+    assert result["rows"][0]["indexes"] == []
+    assert {"posts_ts_idx", "posts_model_ts_idx"} <= set(result["rows"][1]["indexes"])
+
+
+@pytest.mark.slow
+def test_cache_bench(tmp_path: Path) -> None:
+    result = run_bench("cache_bench.py", tmp_path)
+    cache, direct = result["rows"]
+    assert (cache["mode"], direct["mode"]) == ("cache", "direct")
+    for row in (cache, direct):
+        assert row["reads"] > 0 and row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+    assert direct["hit_rate"] == 0 and cache["hit_rate"] > 0
+    assert sum(cache["product_counted_hits_misses"]) > 0  # the product counted its lookups in Redis
+    assert result["check"]["tests"] == 4
+
+
+@pytest.mark.slow
+def test_parse_time(tmp_path: Path) -> None:
+    result = run_bench("parse_time.py", tmp_path)
+    assert result["repeats"] == 2 and result["dags"] >= 1
+    assert result["dagbag_parse_ms_median"] > 0
+    assert result["heavy_modules_imported_at_parse"] == []
+
+
+def test_digest_set_is_a_set_across_merges(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collect._DigestSet, "_MERGE_AT", 64)  # many merges into the sorted buckets
+    rng = random.Random(7)
+    added = {0, 1, 2**56 - 1, 2**56, 2**63, 2**64 - 1} | {rng.getrandbits(64) for _ in range(5000)}
+    others = {rng.getrandbits(64) for _ in range(5000)} - added
+    digests = collect._DigestSet()
+    for value in added:
+        assert value not in digests
+        digests.add(value)
+    assert all(value in digests for value in added)
+    assert not any(value in digests for value in others)
