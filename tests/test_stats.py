@@ -233,3 +233,14 @@ def test_sequential_guardrails_do_not_false_alarm_under_peeking() -> None:
                 alarms += 1
                 break
     assert alarms / 300 <= 0.05
+
+
+def test_holm_adjusted_p_values_match_statsmodels() -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    from fine_tuning.stats import holm_adjusted
+
+    rng = np.random.default_rng(7)
+    for p_values in ([0.01, 0.04, 0.03, 0.005], [0.5], [0.9, 0.8, 0.95], rng.uniform(0, 0.2, 9).tolist(), [0.02, 0.02]):
+        expected = multipletests(p_values, alpha=0.05, method="holm")[1]
+        assert np.allclose(holm_adjusted(p_values), expected, rtol=0, atol=1e-15), p_values
