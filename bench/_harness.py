@@ -238,6 +238,10 @@ class CountingProxy:
     BEGIN...). Nothing in the client is patched, and the server-to-client bytes (the rows) are
     relayed untouched, a megabyte at a time. Clients connect through :meth:`conninfo`, which
     turns TLS off so that the messages can be read.
+
+    Counted on the wire because the server-side way, ``pg_stat_statements``, needs the module
+    in ``shared_preload_libraries`` and a server restart, which a bench on a shared PostgreSQL
+    may not do.
     """
 
     _STARTUP_CODES_BEFORE_STARTUP = {80877102, 80877103, 80877104}  # cancel, SSL, GSS requests
