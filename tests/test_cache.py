@@ -56,6 +56,45 @@ def test_a_value_is_computed_once_then_served_with_its_ttl(prefix: str) -> None:
     assert len(computed) == 2
 
 
+def test_many_pollers_of_an_expired_entry_compute_it_once(prefix: str) -> None:
+    """Eight pollers (two processes' worth of threads, separate caches) miss the same entry at
+    once: one computes, the others wait and get its value. A computation that fails frees the
+    turn: the next caller computes."""
+    import threading
+    import time
+
+    computed: list[int] = []
+
+    def slow() -> dict:
+        computed.append(1)
+        time.sleep(0.4)
+        return {"rate": 0.07}
+
+    caches = [MetricsCache(REDIS_URL, ttl_seconds=300, key_prefix=prefix) for _ in range(2)]
+    results: list[dict] = []
+    start = threading.Barrier(8)
+
+    def poll(cache: MetricsCache) -> None:
+        start.wait()
+        results.append(cache.get_or_compute("ab_metrics:x", slow))
+
+    threads = [threading.Thread(target=poll, args=(caches[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [{"rate": 0.07}] * 8
+    assert len(computed) == 1
+
+    def broken() -> dict:
+        raise RuntimeError("database went away")
+
+    with pytest.raises(RuntimeError):
+        caches[0].get_or_compute("ab_metrics:y", broken)
+    assert not redis.Redis.from_url(REDIS_URL).exists(f"{prefix}:ab_metrics:y:computing")  # turn released
+    assert caches[1].get_or_compute("ab_metrics:y", lambda: {"rate": 0.1}) == {"rate": 0.1}
+
+
 def test_the_default_ttl_comes_from_the_config() -> None:
     config = load_config(env={})
     assert config.cache.ttl_seconds == 300
