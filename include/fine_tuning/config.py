@@ -117,8 +117,9 @@ class SelfHostedConfig(_Section):
     # The trainer image (built from ``Dockerfile.trainer``); None: FINE_TUNING_TRAINER_IMAGE or the step image.
     trainer_image: str | None = None
     # Token counting at collection uses the base model's own tokenizer and chat template (under
-    # base_model_path, applied by ``transformers``). Where that cannot be read (the slim
-    # Airflow image, a collect pod without the base model volume), this tiktoken encoding
+    # base_model_path, applied by ``transformers``; in kubernetes mode the collect pod runs in
+    # the trainer image with the model mounted). Where that cannot be read (a local worker
+    # without the selfhosted extra, a missing model directory), this tiktoken encoding
     # approximates the count, and the collect manifest says so. Only these two work offline.
     token_encoding: Literal["o200k_base", "cl100k_base"] = "o200k_base"
     # A vLLM OpenAI-compatible server (``--enable-lora``, runtime LoRA updating allowed) that the
