@@ -102,3 +102,13 @@ def test_bad_file_names_the_file(tmp_path: Path) -> None:
     unknown = configmap_file(tmp_path, {"data_collection": {"threshold": 0.1}})
     with pytest.raises(ConfigError, match="data_collection.threshold"):
         load_config(unknown, env={})
+
+
+def test_the_trained_model_follows_the_provider() -> None:
+    openai = load_config(env={}, params={"base_model": "gpt-4o-mini-2024-07-18"}).training
+    assert openai.trained_model() == "gpt-4o-mini-2024-07-18"
+    selfhosted = load_config(env={}, params={
+        "training_provider": "selfhosted",
+        "training": {"selfhosted": {"base_model_path": "/models/qwen2.5-0.5b-instruct", "max_length": 2048}},
+    }).training
+    assert selfhosted.trained_model() == "/models/qwen2.5-0.5b-instruct"

@@ -205,6 +205,7 @@ def test_selfhosted_trains_registers_and_the_adapter_changes_outputs(
     client = MlflowClient(mlflow_uri, mlflow_uri)
     version = client.get_model_version(registration.model_name, registration.model_version)
     assert version.tags["provider"] == "selfhosted" and version.tags["fine_tuned_model"] == result.fine_tuned_model
+    assert version.tags["base_model"] == str(tiny_base_model)  # what was trained, not an OpenAI id
     run = client.get_run(registration.mlflow_run_id)
     assert run.data.metrics["trained_tokens"] > 0 and run.data.metrics["adapter_bytes"] > 0
     history = client.get_metric_history(run.info.run_id, "train_loss")

@@ -181,6 +181,13 @@ class TrainingConfig(_Section):
                 "training.price_per_million_training_tokens; add one so the cost guard can work"
             ) from None
 
+    def trained_model(self) -> str:
+        """What is fine-tuned: the OpenAI model id, or the self-hosted base model's directory
+        (recorded in the upload manifest and on the MLflow run and version)."""
+        if self.provider == "selfhosted":
+            return self.selfhosted.base_model_path or "(training.selfhosted.base_model_path not set)"
+        return self.base_model
+
     def context_limit(self) -> int:
         return self.max_example_tokens.get(self.base_model, 16_385)
 

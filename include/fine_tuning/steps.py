@@ -103,7 +103,7 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
     if cost > config.training.max_training_cost_usd:
         raise CostLimitExceeded(
             f"estimated training cost ${cost:.2f} ({collected.tokens} tokens x {epochs} epochs of "
-            f"{config.training.base_model}) exceeds training.max_training_cost_usd "
+            f"{config.training.trained_model()}) exceeds training.max_training_cost_usd "
             f"${config.training.max_training_cost_usd:.2f}; not starting a job"
         )
     key = idempotency_key(ctx.dag_id, ctx.run_id, collected.sha256)
@@ -117,7 +117,7 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
         dataset_sha256=collected.sha256,
         file_id=file_id,
         reused_file=reused,
-        base_model=config.training.base_model,
+        base_model=config.training.trained_model(),
         estimated_tokens=collected.tokens,
         estimated_epochs=epochs,
         estimated_cost_usd=round(cost, 4),
