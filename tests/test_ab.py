@@ -158,6 +158,17 @@ def test_a_loser_is_rejected_and_taken_out_of_the_routing(config: PipelineConfig
         rollout.deploy(config, redis_client, result["ab_test_id"], T0 + timedelta(days=1))
 
 
+def insert_promoted_test(url: str, ab_test_id: str, baseline: str) -> None:
+    """An A/B test of CAND against ``baseline`` as the evaluation leaves a winner: promoted, SRM clean."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
+            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
+            " VALUES (%s, 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', '{\"srm_ok\": true}')",
+            (ab_test_id, baseline, CAND, T0, T0),
+        )
+
+
 @pytest.mark.parametrize(
     ("behaviour", "fired"),
     [
@@ -170,13 +181,7 @@ def test_each_trigger_rolls_back(
     config: PipelineConfig, redis_client: redis.Redis, behaviour: ModelBehaviour, fired: str
 ) -> None:
     url = config.services.database_url.get_secret_value()
-    with psycopg.connect(url, autocommit=True) as conn:  # a promoted test, as the evaluation leaves it
-        conn.execute(
-            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
-            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
-            " VALUES ('ab-1', 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', '{\"srm_ok\": true}')",
-            (BASE, CAND, T0, T0),
-        )
+    insert_promoted_test(url, "ab-1", BASE)
     deployment = rollout.deploy(config, redis_client, "ab-1", T0)
     simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
                      behaviours={BASE: ModelBehaviour(), CAND: behaviour}, requests=3000, start=T0,
@@ -191,13 +196,7 @@ def test_each_trigger_rolls_back(
 
 def test_manual_rollback_needs_a_reason_and_is_recorded(config: PipelineConfig, redis_client: redis.Redis) -> None:
     url = config.services.database_url.get_secret_value()
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
-            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
-            " VALUES ('ab-2', 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', '{\"srm_ok\": true}')",
-            (BASE, CAND, T0, T0),
-        )
+    insert_promoted_test(url, "ab-2", BASE)
     deployment = rollout.deploy(config, redis_client, "ab-2", T0)
     with pytest.raises(ValueError, match="reason"):
         rollout.rollback(config, redis_client, deployment["id"], " ", T0)
@@ -279,14 +278,7 @@ def test_deploy_refuses_when_a_fine_tuned_baseline_is_not_registered(
     config.mlflow.tracking_uri = mlflow_uri
     config.mlflow.registered_model_name = "baseline_check_model"
     url = config.services.database_url.get_secret_value()
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
-            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
-            " VALUES ('ab-3', 'body', 'ft:gpt-3.5-turbo-0125:org:weekly:gone', %s, 0.1, %s, %s, 'promote', '{}',"
-            " '{}', '{\"srm_ok\": true}')",
-            (CAND, T0, T0),
-        )
+    insert_promoted_test(url, "ab-3", "ft:gpt-3.5-turbo-0125:org:weekly:gone")
     with pytest.raises(rollout.DeploymentRefused, match="not registered"):
         rollout.deploy(config, redis_client, "ab-3", T0)
     assert get_routing(redis_client, "body") is None  # nothing was switched
