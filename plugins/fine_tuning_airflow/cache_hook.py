@@ -54,22 +54,17 @@ class CachedMetricsHook(BaseHook):
             self._config = load_config()
         return self._config
 
-    def _connection_url(self, conn_id: str, scheme: str) -> str | None:
-        from airflow.sdk.exceptions import AirflowNotFoundException
+    def _services(self) -> Any:
+        from fine_tuning_airflow.hooks import ServiceConnectionsHook
 
-        from fine_tuning_airflow.hooks import connection_url
-
-        try:
-            return connection_url(self.get_connection(conn_id), scheme)
-        except AirflowNotFoundException:
-            return None
+        return ServiceConnectionsHook(postgres_conn_id=self.postgres_conn_id, redis_conn_id=self.redis_conn_id)
 
     def database_url(self) -> str:
-        url = self._connection_url(self.postgres_conn_id, "postgresql")
+        url = self._services().database_url()
         return url or os.environ.get("DATABASE_URL") or self.config.services.database_url.get_secret_value()
 
     def redis_url(self) -> str:
-        url = self._connection_url(self.redis_conn_id, "redis")
+        url = self._services().redis_url()
         return url or os.environ.get("REDIS_URL") or self.config.services.redis_url.get_secret_value()
 
     def get_cache(self) -> MetricsCache:
