@@ -375,7 +375,17 @@ def child_result(stdout: str) -> dict[str, Any]:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (the kernel's high-water mark), in MiB."""
+    """This process's peak resident set size so far (the kernel's high-water mark), in MiB.
+
+    Linux's ``VmHWM``, not ``getrusage``'s ``ru_maxrss``: across ``execve`` the latter keeps the
+    high-water mark of the memory it replaced, which for a child started by ``subprocess``
+    (vfork, then exec) is the parent's, so a child reported at least its parent's peak (measured:
+    176 MiB for a collect that peaked at 119 MiB, after the bench's parent had tokenized).
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -216,6 +216,45 @@ def test_every_rejection_reason_and_duplicates(
     assert good[0]["body"] not in [line["messages"][2]["content"] for line in lines]
 
 
+def test_lines_are_json_dumps_of_the_messages(
+    conn: psycopg.Connection[Any], pg_url: str, tmp_path: Path
+) -> None:
+    """Lines are put together from JSON strings; they must be exactly what json.dumps writes."""
+    tricky = [
+        'She said "ship it" \\ then left',
+        "Tabs\tand\nnew lines\r\nin one post",
+        "Café, naïve, 東京, emoji 🚀, and a line separator \u2028 here",
+        "</script><!-- {not: a template} {hook} -->",
+        "Zero\u200bwidth, right-to-left \u05e9\u05dc\u05d5\u05dd, and a lone \\u escape",
+    ]
+    insert(conn, [post(i, 0.1 + i / 100, hook=text, body=f"Body: {text}", persona='p"q\\') for i, text in
+                  enumerate(tricky)])
+
+    manifest = run(make_config(pg_url), tmp_path)
+
+    raw = (tmp_path / "dataset.jsonl").read_text(encoding="utf-8").split("\n")
+    assert raw.pop() == ""  # the file ends with a newline
+    assert len(raw) == manifest.examples_written == 2 * len(tricky)
+    for line in raw:
+        assert line == json.dumps(json.loads(line), ensure_ascii=False)
+    assert {json.loads(line)["messages"][2]["content"] for line in raw[::2]} == set(tricky)
+    assert json.loads(raw[0])["messages"][0]["content"] == 'You write social posts as persona p"q\\.'
+
+
+def test_chunk_size_changes_nothing_but_the_fetches(
+    conn: psycopg.Connection[Any], pg_url: str, tmp_path: Path
+) -> None:
+    """Rows are validated, counted and written a chunk at a time; duplicates and too-long posts
+    that straddle chunks must come out as they do in one chunk."""
+    seed_posts(conn, 3_000, end=WINDOW_END)
+    one_chunk = run(make_config(pg_url, chunk_size=5_000), tmp_path / "one")
+    small_chunks = run(make_config(pg_url, chunk_size=7), tmp_path / "small")
+
+    assert one_chunk.duplicates > 0 and one_chunk.rejected["too_long"] > 0
+    fields = ("posts_scanned", "examples_written", "rejected", "duplicates", "tokens", "bytes", "sha256")
+    assert {f: getattr(small_chunks, f) for f in fields} == {f: getattr(one_chunk, f) for f in fields}
+
+
 def test_null_engagement_counts_as_zero(conn: psycopg.Connection[Any], pg_url: str, tmp_path: Path) -> None:
     insert(conn, [post(i, 0.1) for i in range(5)] + [post(9, None)])
     manifest = run(make_config(pg_url, engagement_threshold=0.0), tmp_path)

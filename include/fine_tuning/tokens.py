@@ -148,27 +148,36 @@ def count_chat_tokens(messages: Iterable[Mapping[str, str]], model: str) -> int:
 
 
 def _count_cookbook(messages: Iterable[Mapping[str, str]], encoding: tiktoken.Encoding) -> int:
-    total = REPLY_PRIMING_TOKENS
-    for index, message in enumerate(messages):
-        total += TOKENS_PER_MESSAGE
-        for key, value in message.items():
-            if not isinstance(value, str):
-                raise TypeError(
-                    f"message {index} key {key!r} must be a string to be counted, got {type(value).__name__}"
-                )
-            if key == "role":
-                # Half of all values counted are one of four roles: remember them.
-                total += _count_cached(encoding.name, value)
-            else:
-                total += len(encoding.encode_ordinary(value))
-            if key == "name":
-                total += TOKENS_PER_NAME
-    return total
+    return _count_cookbook_many([messages], encoding)[0]
 
 
-@functools.lru_cache(maxsize=64)
-def _count_cached(encoding_name: str, text: str) -> int:
-    return len(get_encoding(encoding_name).encode_ordinary(text))
+def _count_cookbook_many(
+    examples: Iterable[Iterable[Mapping[str, str]]], encoding: tiktoken.Encoding
+) -> list[int]:
+    """The cookbook count of each example, tokenizing each distinct text once: across a batch
+    of training examples the roles, system messages and prompts repeat, and only the posts'
+    own texts are new."""
+    encode = encoding.encode_ordinary
+    counted: dict[str, int] = {}
+    totals = []
+    for number, messages in enumerate(examples):
+        total = REPLY_PRIMING_TOKENS
+        for index, message in enumerate(messages):
+            total += TOKENS_PER_MESSAGE
+            for key, value in message.items():
+                if not isinstance(value, str):
+                    raise TypeError(
+                        f"example {number} message {index} key {key!r} must be a string to be counted, "
+                        f"got {type(value).__name__}"
+                    )
+                n_tokens = counted.get(value)
+                if n_tokens is None:
+                    n_tokens = counted[value] = len(encode(value))
+                total += n_tokens
+                if key == "name":
+                    total += TOKENS_PER_NAME
+        totals.append(total)
+    return totals
 
 
 # --------------------------------------------------------------- counters per training provider
@@ -190,6 +199,10 @@ class ChatTokenCounter(ABC):
     def count(self, messages: Iterable[Mapping[str, str]]) -> int:
         """Tokens of one example (a list of ``{"role", "content"}`` messages)."""
 
+    def count_many(self, examples: Iterable[Iterable[Mapping[str, str]]]) -> list[int]:
+        """Tokens of each example, in order (a counter may share work across the batch)."""
+        return [self.count(messages) for messages in examples]
+
 
 class OpenAIChatCounter(ChatTokenCounter):
     """OpenAI's own counting for an OpenAI model (the cookbook's formula, the model's encoding)."""
@@ -205,6 +218,9 @@ class OpenAIChatCounter(ChatTokenCounter):
     def count(self, messages: Iterable[Mapping[str, str]]) -> int:
         return _count_cookbook(messages, self.encoding)
 
+    def count_many(self, examples: Iterable[Iterable[Mapping[str, str]]]) -> list[int]:
+        return _count_cookbook_many(examples, self.encoding)
+
 
 class ApproximateChatCounter(ChatTokenCounter):
     """A named tiktoken encoding standing in for a tokenizer that cannot be read here."""
@@ -219,6 +235,9 @@ class ApproximateChatCounter(ChatTokenCounter):
 
     def count(self, messages: Iterable[Mapping[str, str]]) -> int:
         return _count_cookbook(messages, self.encoding)
+
+    def count_many(self, examples: Iterable[Iterable[Mapping[str, str]]]) -> list[int]:
+        return _count_cookbook_many(examples, self.encoding)
 
 
 # An example with the roles collection writes: a template that cannot render it would fail the
