@@ -162,6 +162,10 @@ class _DatasetBuilder:
     rows and builds their examples; their tokens are counted as one batch (the counter
     tokenizes each distinct text once: the system messages and prompts repeat); then
     ``second_pass`` decides, in query order, what is written.
+
+    Counting is half of the time and stays on this thread. tiktoken releases the GIL while it
+    encodes, but takes it back after every text; a counting thread next to this busy one waits
+    a switch interval (5 ms) per text (measured: 300 s for what takes 1.9 s alone).
     """
 
     def __init__(self, handle: IO[bytes], config: PipelineConfig, counter: tokens.ChatTokenCounter) -> None:
