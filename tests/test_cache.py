@@ -85,6 +85,10 @@ def test_many_pollers_of_an_expired_entry_compute_it_once(prefix: str) -> None:
         thread.join(10)
     assert results == [{"rate": 0.07}] * 8
     assert len(computed) == 1
+    # The seven that waited were served from the cache: hits, in each process and in Redis.
+    stats = [cache.stats() for cache in caches]
+    assert (sum(s.hits for s in stats), sum(s.misses for s in stats)) == (7, 1)
+    assert (stats[0].shared_hits, stats[0].shared_misses) == (7, 1)
 
     def broken() -> dict:
         raise RuntimeError("database went away")

@@ -2,9 +2,10 @@
 
 Values are JSON under ``{cache.key_prefix}:{key}`` with a TTL (``cache.ttl_seconds``, default
 300 s). Hits and misses are counted twice: in this process (for tests and logs) and in a Redis
-hash shared by every worker (``{prefix}:stats``; the hit rate the dashboards show). A lookup and
-its count are one round trip (a Lua script). When Redis is unreachable the cache falls through:
-every lookup computes the value from the source (PostgreSQL), is counted as a miss, and the
+hash shared by every worker (``{prefix}:stats``; the hit rate the dashboards show). A hit and
+its count are one round trip (a Lua script); a miss is counted once it is known whether this
+caller computed the value or got it from another that did. When Redis is unreachable the cache
+falls through: every lookup computes the value from the source (PostgreSQL), is counted as a miss, and the
 outage is logged once; nothing fails because Redis is down.
 """
 
@@ -31,11 +32,14 @@ STATS_TTL_SECONDS = 7 * 86_400
 # The longest one computation of an entry may hold the others waiting.
 COMPUTE_LOCK_SECONDS = 30
 
-# GET the value and count the lookup in one round trip. KEYS: value, stats. ARGV: stats TTL (s).
+# GET the value and, when there is one, count the hit in the same round trip. A miss is counted
+# once its outcome is known (see get_or_compute). KEYS: value, stats. ARGV: stats TTL (s).
 LOOKUP_LUA = """
 local value = redis.call('GET', KEYS[1])
-redis.call('HINCRBY', KEYS[2], value and 'hits' or 'misses', 1)
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+if value then
+  redis.call('HINCRBY', KEYS[2], 'hits', 1)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+end
 return value
 """
 
@@ -154,13 +158,36 @@ class MetricsCache:
                 if raw is not None:
                     self._count(hit=True)
                     return json.loads(raw)
-        self._count(hit=False, error=client is None and self.redis_url is not None)
         if client is None:
+            self._count(hit=False, error=self.redis_url is not None)
             return compute()
-        return self._compute_once(client, name, compute, ttl_seconds or self.ttl_seconds)
+        # A caller that waited for another's computation was served from the cache: a hit, as
+        # the API's "cached" says. Counting it as a miss made the shared hit rate read 89.9%
+        # while readers got 98.7% of their answers from the cache (bench/cache_bench.py).
+        computed = True  # also when compute() raises: a miss
+        try:
+            value, computed = self._compute_once(client, name, compute, ttl_seconds or self.ttl_seconds)
+            return value
+        finally:
+            self._count(hit=not computed)
+            self._count_shared(client, hit=not computed)
 
-    def _compute_once(self, client: Any, name: str, compute: Callable[[], T], ttl_seconds: int) -> T:
+    def _count_shared(self, client: Any, hit: bool) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.stats_key, "hits" if hit else "misses", 1)
+                pipe.expire(self.stats_key, STATS_TTL_SECONDS)
+                pipe.execute()
+        except RedisError as exc:
+            self._redis_failed(exc)
+
+    def _compute_once(
+        self, client: Any, name: str, compute: Callable[[], T], ttl_seconds: int
+    ) -> tuple[T, bool]:
         """On a miss, one caller across all processes computes; the others wait for its value.
+        Returns the value and whether this caller computed it.
 
         Without this every poller of an expired entry recomputes it at once (a cache stampede:
         bench/cache_bench.py measured a 17 s p99 with 32 pollers on 2 cores). redis-py's ``Lock``
@@ -178,16 +205,16 @@ class MetricsCache:
             raw = client.get(self.key(name)) if acquired else None  # filled while we waited?
         except RedisError as exc:
             self._redis_failed(exc)
-            return compute()
+            return compute(), True
         try:
             if raw is not None:
-                return json.loads(raw)
+                return json.loads(raw), False
             value = compute()
             try:
                 client.set(self.key(name), json.dumps(value, default=str), ex=ttl_seconds)
             except RedisError as exc:
                 self._redis_failed(exc)
-            return value
+            return value, True
         finally:
             if acquired:
                 with contextlib.suppress(LockError, RedisError):
