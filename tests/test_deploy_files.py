@@ -79,10 +79,8 @@ def test_helm_values_use_the_chart_keys_we_rely_on() -> None:
     assert env["FINE_TUNING_MODE"] == "kubernetes" and env["FINE_TUNING_IMAGE"] == image
     # Secrets for OpenAI, the database and MLflow: created by the chart, read as env everywhere.
     secrets = values["extraSecrets"]
-    step_keys = yaml.safe_load(secrets["fine-tuning-secrets"]["stringData"])
-    assert {"openai-api-key", "database-url", "redis-url"} <= set(step_keys)
     env_keys = yaml.safe_load(secrets["fine-tuning-env"]["stringData"])
-    assert {"OPENAI_API_KEY", "DATABASE_URL", "MLFLOW_TRACKING_TOKEN"} <= set(env_keys)
+    assert {"OPENAI_API_KEY", "DATABASE_URL", "REDIS_URL", "MLFLOW_TRACKING_TOKEN"} <= set(env_keys)
     env_from = yaml.safe_load(values["extraEnvFrom"])
     assert {"secretRef": {"name": "fine-tuning-env"}} in env_from
     connection_secret = values["secret"][0]

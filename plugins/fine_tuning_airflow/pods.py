@@ -28,19 +28,13 @@ def pod_settings() -> dict[str, str]:
         "image": env.get("FINE_TUNING_IMAGE", "ghcr.io/example/fine-tuning-pipeline:0.1.0"),
         "namespace": env.get("FINE_TUNING_NAMESPACE", "fine-tuning"),
         "service_account": env.get("FINE_TUNING_SERVICE_ACCOUNT", "fine-tuning-steps"),
-        "secret": env.get("FINE_TUNING_SECRET", "fine-tuning-secrets"),
+        "secret": env.get("FINE_TUNING_SECRET", "fine-tuning-env"),
         "config_map": env.get("FINE_TUNING_CONFIGMAP", "fine-tuning-config"),
         "data_pvc": env.get("FINE_TUNING_DATA_PVC", "fine-tuning-data"),
         "data_dir": env.get("FINE_TUNING_DATA_DIR") or DATA_MOUNT,
     }
 
 
-# Secret keys exposed to the step as environment variables: (env var, key in the secret).
-SECRET_ENV = (
-    ("OPENAI_API_KEY", "openai-api-key"),
-    ("DATABASE_URL", "database-url"),
-    ("REDIS_URL", "redis-url"),
-)
 
 
 def step_arguments(step: str) -> list[str]:
@@ -172,7 +166,11 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
             "STATSD_PORT": os.environ.get("STATSD_PORT", "9125"),
             **overrides.get("env_vars", {}),
         },
-        secrets=[Secret("env", env_name, settings["secret"], key) for env_name, key in SECRET_ENV],
+        # Every key of the secret the Airflow components read their environment from, as the
+        # step's environment: OPENAI_API_KEY, DATABASE_URL, REDIS_URL, and what a deployment adds
+        # (MLFLOW_TRACKING_TOKEN for register, AZURE_OPENAI_* for an Azure run, VLLM_API_KEY for
+        # ab_create and deploy of a self-hosted one). A fixed list of keys left those out.
+        secrets=[Secret("env", None, settings["secret"])],
         container_resources=overrides.get("container_resources")
         or k8s.V1ResourceRequirements(
             requests={"memory": "512Mi", "cpu": "500m"},
