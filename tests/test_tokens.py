@@ -114,6 +114,21 @@ def test_count_rejects_non_string_values() -> None:
         tokens.count_chat_tokens([{"role": "user", "content": ["a"]}], "gpt-4o")  # type: ignore[dict-item]
 
 
+def test_a_batch_counts_each_example_as_alone(tiny_tokenizer_dir: Path) -> None:
+    """count_many tokenizes a repeated text once; every example's count is still its own."""
+    batch = [COOKBOOK_MESSAGES, COOKBOOK_MESSAGES[:2], [{"role": "user", "content": "hello world"}],
+             COOKBOOK_MESSAGES[1:]]
+    for counter in (
+        tokens.OpenAIChatCounter("gpt-4o"),
+        tokens.ApproximateChatCounter("cl100k_base", "test"),
+        tokens.base_model_counter(str(tiny_tokenizer_dir)),
+    ):
+        alone = [counter.count(messages) for messages in batch]
+        assert counter.count_many(batch) == alone, counter.description
+    with pytest.raises(TypeError, match="example 1 message 0 key 'content'"):
+        tokens.OpenAIChatCounter("gpt-4o").count_many([COOKBOOK_MESSAGES, [{"role": "user", "content": 3}]])
+
+
 def test_packaged_file_is_verified_against_tiktoken_hash() -> None:
     url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
     with pytest.raises(tokens.TokenizerDataError, match="sha256"):

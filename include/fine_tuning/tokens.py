@@ -204,40 +204,39 @@ class ChatTokenCounter(ABC):
         return [self.count(messages) for messages in examples]
 
 
-class OpenAIChatCounter(ChatTokenCounter):
+class _TiktokenCounter(ChatTokenCounter):
+    """The cookbook's formula over a tiktoken encoding."""
+
+    encoding: tiktoken.Encoding
+    words_bound_tokens = True  # cl100k/o200k never merge two words (tests/test_collect.py checks)
+
+    def count(self, messages: Iterable[Mapping[str, str]]) -> int:
+        return _count_cookbook(messages, self.encoding)
+
+    def count_many(self, examples: Iterable[Iterable[Mapping[str, str]]]) -> list[int]:
+        return _count_cookbook_many(examples, self.encoding)
+
+
+class OpenAIChatCounter(_TiktokenCounter):
     """OpenAI's own counting for an OpenAI model (the cookbook's formula, the model's encoding)."""
 
     exact = True
-    words_bound_tokens = True  # cl100k/o200k never merge two words (tests/test_collect.py checks)
 
     def __init__(self, model: str) -> None:
         self.model = model
         self.encoding = encoding_for_model(model)
         self.description = f"tiktoken {self.encoding.name} ({model})"
 
-    def count(self, messages: Iterable[Mapping[str, str]]) -> int:
-        return _count_cookbook(messages, self.encoding)
 
-    def count_many(self, examples: Iterable[Iterable[Mapping[str, str]]]) -> list[int]:
-        return _count_cookbook_many(examples, self.encoding)
-
-
-class ApproximateChatCounter(ChatTokenCounter):
+class ApproximateChatCounter(_TiktokenCounter):
     """A named tiktoken encoding standing in for a tokenizer that cannot be read here."""
 
     exact = False
-    words_bound_tokens = True
 
     def __init__(self, encoding_name: str, reason: str) -> None:
         self.encoding = get_encoding(encoding_name)
         self.reason = reason
         self.description = f"tiktoken {encoding_name} (approximation: {reason})"
-
-    def count(self, messages: Iterable[Mapping[str, str]]) -> int:
-        return _count_cookbook(messages, self.encoding)
-
-    def count_many(self, examples: Iterable[Iterable[Mapping[str, str]]]) -> list[int]:
-        return _count_cookbook_many(examples, self.encoding)
 
 
 # An example with the roles collection writes: a template that cannot render it would fail the
