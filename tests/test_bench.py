@@ -50,6 +50,9 @@ def test_collect_bench(tmp_path: Path) -> None:
     assert row["queries"] == sum(n for kind, n in detail["statements"].items() if kind != "FETCH")
     assert detail["naive_statements"].get("SELECT") == 1
     assert detail["examples_fingerprint"]["lines"] == detail["examples_written"] > 0
+    # The bound on exact collection: tiktoken alone on the texts it counts (3 per valid post).
+    assert detail["tokenizer_posts_per_s"] > 0 and 0 < detail["tokenizer_texts"] <= 3 * detail["rows_selected"]
+    assert "tokenizing_only_at_least_half_of_copy" in result["goals"]
     assert result["machine"]["cores"] >= 1
 
 
