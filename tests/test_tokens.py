@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -114,14 +115,22 @@ def test_count_rejects_non_string_values() -> None:
         tokens.count_chat_tokens([{"role": "user", "content": ["a"]}], "gpt-4o")  # type: ignore[dict-item]
 
 
-def test_a_batch_counts_each_example_as_alone(tiny_tokenizer_dir: Path) -> None:
-    """count_many tokenizes a repeated text once; every example's count is still its own."""
+def test_a_batch_counts_each_example_as_alone(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """count_many shares work across a batch (tiktoken: a repeated text is tokenized once; a base
+    model: one tokenizer call); every example's count is still its own."""
     batch = [COOKBOOK_MESSAGES, COOKBOOK_MESSAGES[:2], [{"role": "user", "content": "hello world"}],
              COOKBOOK_MESSAGES[1:]]
+    no_template = shutil.copytree(tiny_tokenizer_dir, tmp_path / "no-template")
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((no_template / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert not tokens.base_model_counter(str(no_template)).exact
     for counter in (
         tokens.OpenAIChatCounter("gpt-4o"),
         tokens.ApproximateChatCounter("cl100k_base", "test"),
         tokens.base_model_counter(str(tiny_tokenizer_dir)),
+        tokens.base_model_counter(str(no_template)),
     ):
         alone = [counter.count(messages) for messages in batch]
         assert counter.count_many(batch) == alone, counter.description
