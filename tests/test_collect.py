@@ -385,6 +385,32 @@ def test_selfhosted_collect_counts_with_the_base_models_tokenizer(
     assert said == [f"collect counts tokens with {manifest.token_counter}"]  # once, not per example
 
 
+def test_selfhosted_collect_leaves_out_posts_longer_than_the_trainers_max_length(
+    conn: psycopg.Connection[Any], pg_url: str, tmp_path: Path, tiny_base_model: Path
+) -> None:
+    """The self-hosted trainer cuts examples at max_length; collection leaves such posts out
+    instead (as it does at an OpenAI model's context), whatever training.base_model says."""
+    from transformers import AutoTokenizer
+
+    words = "small wins compound every morning"
+    insert(conn, (post(i, 0.1 + i / 100, body=" ".join([words] * (1 + i % 4 * 10))) for i in range(24)))
+    selfhosted = {"base_model_path": str(tiny_base_model), "max_length": 120}
+    config = make_config(pg_url, training_provider="selfhosted", base_model="gpt-3.5-turbo-0125",
+                         training={"selfhosted": selfhosted})
+    manifest = run(config, tmp_path)
+
+    reference = AutoTokenizer.from_pretrained(tiny_base_model)
+    lengths = [
+        len(reference.apply_chat_template(line["messages"], tokenize=True, return_dict=True)["input_ids"])
+        for line in read_lines(tmp_path / "dataset.jsonl")
+    ]
+    # The 6 posts with a one-phrase body fit in 120 tokens; the 18 with 11 to 31 phrases do not.
+    assert (manifest.rejected["too_long"], manifest.examples_written) == (18, 12)
+    bodies = {line["messages"][2]["content"] for line in read_lines(tmp_path / "dataset.jsonl")[1::2]}
+    assert bodies == {words}
+    assert max(lengths) <= 120 < 16_385  # not gpt-3.5-turbo's context
+
+
 def test_selfhosted_collect_without_the_base_model_approximates_once_and_records_it(
     conn: psycopg.Connection[Any], pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

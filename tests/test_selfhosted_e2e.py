@@ -40,7 +40,7 @@ def test_weekly_dag_end_to_end_selfhosted(
     config["training"] = {"provider": "selfhosted", "base_model": "tiny-chat", "poll_interval_seconds": 0.5,
                           "selfhosted": {
         "base_model_path": str(base), "max_steps": 10, "batch_size": 8, "learning_rate": 0.01, "lora_r": 4,
-        "max_length": 256,
+        "max_length": 1024,  # the tiny tokenizer makes ~570 tokens of a seeded post; longer ones are left out
     }}
     config_file.write_text(json.dumps(config))
 

@@ -101,6 +101,7 @@ class SelfHostedConfig(_Section):
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     batch_size: int = Field(4, ge=1, le=1024)
+    # Tokens per example the trainer takes; collection leaves out posts with a longer example.
     max_length: int = Field(1024, ge=16)
     seed: int = 42
     # Own GPUs cost nothing per token for the cost guard unless a price is set.
@@ -189,6 +190,11 @@ class TrainingConfig(_Section):
         return self.base_model
 
     def context_limit(self) -> int:
+        """The most tokens one example may have; collection leaves out a post with a longer one
+        rather than have the trainer cut it short. An OpenAI model's training context
+        (``max_example_tokens``), or the self-hosted trainer's ``selfhosted.max_length``."""
+        if self.provider == "selfhosted":
+            return self.selfhosted.max_length
         return self.max_example_tokens.get(self.base_model, 16_385)
 
 
