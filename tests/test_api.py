@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -408,11 +409,17 @@ def test_a_selfhosted_candidate_that_vllm_cannot_load_starts_no_ab_test(
 
     vllm = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("FINE_TUNING_SERVING_BASE_URL", vllm)
+    # The breaker this opens is this test's alone (and its keys expire).
+    monkeypatch.setenv("FINE_TUNING_BREAKER_KEY_PREFIX", f"test:{uuid.uuid4().hex[:8]}:breaker")
     redis.Redis.from_url("redis://127.0.0.1:6379/0").delete("fine_tuning:routing:body")
     body = {**AB_BODY, "candidate_model": {"model_id": "selfhosted:weekly-adapter-7"}}
     response = client.post("/pipeline/evaluation/create-ab-test", json=body, headers=admin)
     assert response.status_code == 502, response.text
     assert vllm in response.json()["detail"] and "weekly-adapter-7" in response.json()["detail"]
+    # Its three refused connections opened the vllm breaker: the next try sends nothing.
+    again = client.post("/pipeline/evaluation/create-ab-test", json=body, headers=admin)
+    assert again.status_code == 503 and "circuit 'vllm' open until" in again.json()["detail"], again.text
+    assert 1 < int(again.headers["Retry-After"]) <= 61
     with psycopg.connect(services["pg_url"]) as conn:
         assert conn.execute("SELECT count(*) FROM ab_tests").fetchone()[0] == 0
     assert not redis.Redis.from_url("redis://127.0.0.1:6379/0").exists("fine_tuning:routing:body")

@@ -151,6 +151,16 @@ def test_what_counts_as_a_failure() -> None:
     assert is_breaker_failure(MlflowException("503", error_code=TEMPORARILY_UNAVAILABLE))
     assert not is_breaker_failure(MlflowException("exists", error_code=RESOURCE_ALREADY_EXISTS))
 
+    # vLLM through httpx: raise_for_status() on a 5xx counts; a 4xx is the server's answer.
+    import httpx
+
+    vllm = httpx.Request("POST", "http://vllm:8000/v1/load_lora_adapter")
+    for status, counted in ((503, True), (500, True), (429, True), (404, False), (400, False)):
+        error = httpx.HTTPStatusError("x", request=vllm, response=httpx.Response(status, request=vllm))
+        assert is_breaker_failure(error) is counted, status
+    assert is_breaker_failure(httpx.ConnectError("refused", request=vllm))
+    assert is_breaker_failure(httpx.ReadTimeout("slow", request=vllm))
+
     breaker = make_breaker(REDIS_URL)
     for _ in range(5):
         fail(breaker, bad_file)
@@ -194,10 +204,12 @@ def test_every_key_has_a_ttl() -> None:
 
 def test_get_breaker_interface_and_defaults() -> None:
     config = load_config(env={})
-    assert BREAKER_NAMES == ("openai", "mlflow")
-    openai_breaker, mlflow_breaker = (get_breaker(name, config) for name in BREAKER_NAMES)
+    assert BREAKER_NAMES == ("openai", "mlflow", "vllm")
+    openai_breaker, mlflow_breaker, vllm_breaker = (get_breaker(name, config) for name in BREAKER_NAMES)
     assert (openai_breaker.settings.failure_threshold, openai_breaker.settings.recovery_timeout_seconds) == (3, 120)
     assert (mlflow_breaker.settings.failure_threshold, mlflow_breaker.settings.recovery_timeout_seconds) == (5, 60)
+    vllm_settings = vllm_breaker.settings
+    assert (vllm_settings.failure_threshold, vllm_settings.recovery_timeout_seconds) == (3, 60)
     assert get_breaker("openai", config) is openai_breaker
     assert openai_breaker.name == "openai" and isinstance(openai_breaker.failure_count, int)
     with pytest.raises(ValueError, match="unknown circuit breaker 'redis'"):

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from fine_tuning import metrics
+from fine_tuning.breakers import BREAKER_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "include" / "monitoring"
@@ -43,7 +44,7 @@ def produced_series() -> set[str]:
 
     names: set[str] = set()
     for spec in metrics.METRICS:
-        services = ("openai", "mlflow") if "service" in spec.labels else ("x",)
+        services = BREAKER_NAMES if "service" in spec.labels else ("x",)
         for service in services:
             mapped = map_statsd("fine_tuning." + spec.statsd_name(**{label: service for label in spec.labels}))
             assert mapped, spec
@@ -57,7 +58,7 @@ def produced_series() -> set[str]:
     report = HealthReport(
         status="healthy", healthy=True, timestamp=1.0,
         components={}, checks={c: ComponentCheck(status="healthy", required=True, latency_ms=1) for c in ("database",)},
-        breakers={b: BreakerStatus(state="closed", failure_count=0) for b in ("openai", "mlflow")},
+        breakers={b: BreakerStatus(state="closed", failure_count=0) for b in BREAKER_NAMES},
         connection_pools={"db_connections_active": 1, "db_connections_idle": 1, "db_connections_max": 9,
                           "redis_connections_active": 1, "redis_connections_idle": 1},
         performance_metrics={"memory_peak_mb": 1.0},

@@ -238,6 +238,37 @@ def test_an_unreachable_vllm_is_named_and_starts_nothing(
     assert get_routing(redis_client, "body") is None and ab_test_rows(config) == []
 
 
+def test_a_failing_vllm_opens_its_breaker_and_then_nothing_is_sent(
+    config: PipelineConfig, ctx: RunContext, vllm: FakeVLLM, redis_client: redis.Redis
+) -> None:
+    """Every external call goes through a breaker: three refused connections open the shared
+    ``vllm`` breaker, and the next A/B creation fails at once, naming the circuit, without a
+    request, even to a vLLM that would answer. Once the breaker closes, loading works again."""
+    from fine_tuning.breakers import CircuitOpenError, get_breaker
+
+    trained_adapter(config, NEW)
+    live = config.training.selfhosted.serving_base_url
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        config.training.selfhosted.serving_base_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(AdapterLoadError, match=r"\(3 attempts\): ConnectError"):
+        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    breaker = get_breaker("vllm", config)
+    assert (breaker.snapshot().state, breaker.snapshot().shared) == ("open", True)
+
+    config.training.selfhosted.serving_base_url = live
+    with pytest.raises(CircuitOpenError, match="circuit 'vllm' open until"):
+        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    assert vllm.loads == []
+    assert get_routing(redis_client, "body") is None and ab_test_rows(config) == []
+
+    breaker.reset()  # what the recovery timeout does, without the wait
+    test = ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    assert [load["name"] for load in vllm.loads] == [NEW] and len(ab_test_rows(config)) == 1
+    assert get_routing(redis_client, "body").candidate_model == f"selfhosted:{NEW}"
+    assert test.candidate_model == f"selfhosted:{NEW}"
+
+
 def test_the_vllm_api_key_is_sent_and_a_wrong_one_is_a_clear_refusal(
     config: PipelineConfig, ctx: RunContext, vllm: FakeVLLM, redis_client: redis.Redis
 ) -> None:

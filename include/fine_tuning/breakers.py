@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
-BREAKER_NAMES: tuple[str, ...] = ("openai", "mlflow")
+BREAKER_NAMES: tuple[str, ...] = ("openai", "mlflow", "vllm")
 # While HALF_OPEN has no free probe slot, callers are told to come back after this long.
 HALF_OPEN_BUSY_RETRY_SECONDS = 5.0
 
@@ -122,9 +122,9 @@ class Permit:
 def is_breaker_failure(exc: BaseException) -> bool:
     """Whether an exception says the remote service is unhealthy (and so counts against it).
 
-    Counted: connection errors, timeouts, HTTP 408/429/5xx (OpenAI or MLflow). Not counted: a
-    4xx for a bad request (a 400 for a bad file, 404, 409...), a refusal, our own bugs: the
-    service answered, it is up.
+    Counted: connection errors, timeouts, HTTP 408/429/5xx (OpenAI, MLflow, or an httpx/requests
+    ``raise_for_status``, e.g. vLLM's). Not counted: a 4xx for a bad request (a 400 for a bad
+    file, 404, 409...), a refusal, our own bugs: the service answered, it is up.
     """
     if isinstance(exc, CircuitOpenError):
         return False
@@ -144,6 +144,9 @@ def is_breaker_failure(exc: BaseException) -> bool:
         status = getattr(exc, "get_http_status_code", lambda: 500)()
         return status in (408, 429) or status >= 500
     if module.startswith(("requests", "urllib3", "httpx")):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(status, int):  # raise_for_status(): the service answered with this status
+            return status in (408, 429) or status >= 500
         return any(word in type(exc).__name__ for word in ("Connect", "Timeout", "Protocol"))
     return False
 

@@ -299,6 +299,10 @@ class BreakersConfig(_Section):
     mlflow: BreakerConfig = Field(
         default_factory=lambda: BreakerConfig(failure_threshold=5, recovery_timeout_seconds=60.0)
     )
+    # The vLLM server that loads self-hosted adapters (training.selfhosted.serving_base_url).
+    vllm: BreakerConfig = Field(
+        default_factory=lambda: BreakerConfig(failure_threshold=3, recovery_timeout_seconds=60.0)
+    )
 
 
 class CacheConfig(_Section):

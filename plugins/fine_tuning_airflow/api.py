@@ -14,6 +14,7 @@ A/B tests and deployments are the library's records in PostgreSQL and Redis.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -658,6 +659,7 @@ def _stop_ab_test(config: PipelineConfig, ab_test_id: str) -> bool:
         **COMMON_ERRORS,
         409: {"description": "The test cannot start (e.g. strict power check)"},
         502: {"description": "The vLLM server did not load a self-hosted adapter"},
+        503: {"description": "The vLLM breaker is open after repeated failures (see Retry-After)"},
     },
     dependencies=[Depends(edit_pipeline)],
 )
@@ -702,13 +704,20 @@ def create_ab_test(body: CreateABTestRequest) -> CreateABTestResponse:
 
 def _serve(config: PipelineConfig, *model_ids: str) -> None:
     """Load self-hosted adapters into vLLM before any request is routed to them (as the DAG's
-    steps do): 502 when vLLM does not, 422 for a name that cannot be an adapter's."""
+    steps do): 502 when vLLM does not, 503 with Retry-After while its breaker is open, 422 for a
+    name that cannot be an adapter's."""
+    from fine_tuning.breakers import CircuitOpenError
     from fine_tuning.providers.selfhosted import AdapterLoadError, serve_adapters
 
     try:
         serve_adapters(config, model_ids)
     except AdapterLoadError as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(exc)) from None
+    except CircuitOpenError as exc:
+        retry_after = str(math.ceil(exc.remaining_seconds) + 1)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": retry_after}
+        ) from None
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 
@@ -815,6 +824,7 @@ def ab_test_metrics(ab_test_id: str = identifier()) -> ABMetricsResponse:
         404: {"description": "No such A/B test"},
         409: {"description": "A safety check refused the deployment"},
         502: {"description": "The vLLM server did not load a self-hosted adapter"},
+        503: {"description": "The vLLM breaker is open after repeated failures (see Retry-After)"},
     },
     dependencies=[Depends(edit_rollouts)],
 )

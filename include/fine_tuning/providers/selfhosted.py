@@ -18,6 +18,7 @@ test into vLLM (``load_lora_adapter``) before the routing sends a request to the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from fine_tuning.providers import JobStatus, TrainingProvider
 from fine_tuning.providers.selfhosted_train import ADAPTER_DIR, METRICS_FILE, read_status, write_status
 
 if TYPE_CHECKING:
+    from fine_tuning.breakers import CircuitBreaker
     from fine_tuning.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -251,16 +253,19 @@ def load_lora_adapter(
     api_key: str | None = None,
     timeout: float = 60.0,
     attempts: int = 3,
+    breaker: CircuitBreaker | None = None,
 ) -> None:
     """Load an adapter into a running vLLM OpenAI-compatible server (``POST /v1/load_lora_adapter``).
 
     vLLM must run with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; then the
     content agent calls ``model=lora_name`` through the ordinary OpenAI client. Loading a name that
     is already loaded answers 400 "already been loaded", which is success for us (idempotent), so
-    connection errors and 5xx are retried, ``attempts`` times at most.
+    connection errors and 5xx are retried, ``attempts`` times at most. Each attempt goes through
+    ``breaker`` (the ``vllm`` one), which counts connection errors, timeouts and 5xx.
 
     :raises AdapterLoadError: vLLM refused (4xx) or could not be reached; the message names the
         server URL, the adapter and vLLM's reason.
+    :raises CircuitOpenError: the breaker is open: no request was sent.
     """
     import httpx
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -274,18 +279,22 @@ def load_lora_adapter(
 
     def post_once() -> None:
         try:
-            response = httpx.post(
-                endpoint,
-                json={"lora_name": lora_name, "lora_path": lora_path},
-                headers=headers,
-                timeout=timeout,
-            )
+            with breaker.guard() if breaker is not None else contextlib.nullcontext():
+                response = httpx.post(
+                    endpoint,
+                    json={"lora_name": lora_name, "lora_path": lora_path},
+                    headers=headers,
+                    timeout=timeout,
+                )
+                if response.status_code >= 500:
+                    response.raise_for_status()  # counted against the breaker; a 4xx is an answer
         except httpx.TransportError as exc:
             raise _RetryableLoadFailure(f"{type(exc).__name__}: {exc}") from exc
+        except httpx.HTTPStatusError as exc:
+            answer = exc.response
+            raise _RetryableLoadFailure(f"HTTP {answer.status_code}: {_error_text(answer)}") from exc
         if response.status_code == 400 and "already" in response.text.lower():
             return
-        if response.status_code >= 500:
-            raise _RetryableLoadFailure(f"HTTP {response.status_code}: {_error_text(response)}")
         if response.is_error:
             raise AdapterLoadError(
                 f"vLLM at {endpoint} refused to load {what}: "
@@ -329,6 +338,8 @@ def serve_adapters(config: PipelineConfig, model_references: Iterable[str | None
 
     :returns: the adapter names (vLLM ``lora_name``) now loaded.
     :raises AdapterLoadError: one did not load; the caller must not route traffic to it.
+    :raises CircuitOpenError: the ``vllm`` breaker is open (vLLM failed repeatedly): nothing was
+        sent; a step fails fast and is retried after the open time.
     """
     names = list(dict.fromkeys(
         ref.removeprefix(MODEL_PREFIX) for ref in model_references if ref and ref.startswith(MODEL_PREFIX)
@@ -342,9 +353,12 @@ def serve_adapters(config: PipelineConfig, model_references: Iterable[str | None
             "not set, so whatever serves them must already have them", ", ".join(names),
         )
         return []
+    from fine_tuning.breakers import get_breaker
+
     api_key = settings.serving_api_key.get_secret_value() if settings.serving_api_key else None
+    breaker = get_breaker("vllm", config)
     for name in names:
         path = serving_adapter_path(config, name)
-        load_lora_adapter(settings.serving_base_url, name, path, api_key=api_key)
+        load_lora_adapter(settings.serving_base_url, name, path, api_key=api_key, breaker=breaker)
         log.info("vLLM at %s serves LoRA adapter %r (%s)", settings.serving_base_url, name, path)
     return names
