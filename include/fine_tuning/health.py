@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("database", "redis", "mlflow", "openai")
-# Used when the breakers module is not importable (yet): the design's two breakers.
+# Used when the breakers module is not importable (yet): the names of its breakers.
 DEFAULT_BREAKER_NAMES = ("openai", "mlflow", "vllm")
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # What ``GET /metrics`` answers with (the Prometheus text exposition format 0.0.4).
