@@ -13,6 +13,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import openai
 import pytest
@@ -132,6 +133,32 @@ def test_a_probe_whose_process_died_frees_its_slot_after_the_lease(storage: str 
         breaker.acquire()
     time.sleep(0.25)
     assert breaker.acquire().probe
+
+
+def test_an_outcome_that_reaches_redis_twice_counts_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When Redis answers after the client's socket timeout, redis-py sends the script again and
+    Redis runs it twice. Each failure must still count once: two real failures of three must not
+    open the breaker."""
+    breaker = make_breaker(REDIS_URL)
+    register = breaker._script
+
+    def delivered_twice(client: Any, name: str, source: str) -> Any:
+        script = register(client, name, source)
+        if name != "record":
+            return script
+
+        def resent(keys: list[str], args: list[Any]) -> Any:
+            script(keys=keys, args=args)  # the delivery whose reply came too late
+            return script(keys=keys, args=args)
+
+        return resent
+
+    monkeypatch.setattr(breaker, "_script", delivered_twice)
+    fail(breaker)
+    fail(breaker)
+    assert (breaker.state, breaker.failure_count) == ("closed", 2)
+    fail(breaker)
+    assert breaker.state == "open"
 
 
 def test_what_counts_as_a_failure() -> None:

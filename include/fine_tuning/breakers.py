@@ -199,7 +199,14 @@ end
 return {0, state, old, 0, failures, now}
 """
 
+# KEYS[3] names this outcome (ARGV[12]): redis-py sends a script again when Redis answered after
+# the socket timeout, and the second delivery must not count the failure twice.
 RECORD_LUA = _NOW + """
+if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', 60000) then
+  local seen = redis.call('HMGET', KEYS[1], 'state', 'failures', 'open_until')
+  local current = seen[1] or 'closed'
+  return {current, current, tonumber(seen[2] or '0'), tonumber(seen[3] or '0'), now}
+end
 local failed = ARGV[1] == 'f'
 local slow = ARGV[2] == '1'
 local probe = ARGV[3] == '1'
@@ -488,7 +495,9 @@ class CircuitBreaker:
             script = self._scripts[name] = client.register_script(source)
         return script
 
-    def _shared(self, name: str, source: str, args: list[Any]) -> list[Any] | None:
+    def _shared(
+        self, name: str, source: str, args: list[Any], extra_keys: tuple[str, ...] = ()
+    ) -> list[Any] | None:
         """Run a script in Redis; None (and the fallback) when Redis does not answer."""
         from redis.exceptions import RedisError
 
@@ -496,7 +505,7 @@ class CircuitBreaker:
         if client is None:
             return None
         try:
-            result = self._script(client, name, source)(keys=self.keys, args=args)
+            result = self._script(client, name, source)(keys=[*self.keys, *extra_keys], args=args)
         except RedisError as exc:
             mark_redis_down(self.redis_url or "", exc, self.redis_retry_seconds, f"breaker {self.name!r}")
             return None
@@ -569,12 +578,14 @@ class CircuitBreaker:
         slow = time.monotonic() - permit.started >= s.slow_call_duration_seconds
         result = None
         if not permit.local:
+            outcome = uuid.uuid4().hex[:12]
             result = self._shared(
                 "record", RECORD_LUA,
                 ["f" if failed else "s", int(slow), int(permit.probe), s.failure_threshold,
                  int(s.recovery_timeout_seconds * 1000), int(s.sliding_window_seconds * 1000), s.minimum_calls,
                  s.failure_rate_threshold, s.slow_call_rate_threshold, s.half_open_max_calls, self._ttl_ms,
-                 uuid.uuid4().hex[:12]],
+                 outcome],
+                extra_keys=(f"{self.keys[0]}:outcome:{outcome}",),
             )
         if result is None:
             state, old, _failures, _until = self._local.record(s, failed, slow, permit.probe)
