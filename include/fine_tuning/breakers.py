@@ -73,6 +73,11 @@ class CircuitOpenError(RuntimeError):
             )
         super().__init__(message)
 
+    @property
+    def retry_after_seconds(self) -> int:
+        """When to try again: the remaining open time rounded up, plus a second for clock skew."""
+        return math.ceil(self.remaining_seconds) + 1
+
 
 class BreakerListener:
     """pybreaker-style listener; subclass and override what you need (e.g. to emit metrics).

@@ -148,8 +148,9 @@ class _Chunk:
     order, and the examples whose tokens are to be counted."""
 
     def __init__(self) -> None:
-        # (digest, surely too long, persona_id, hook, body) per post that passed validation.
-        self.posts: list[tuple[int, bool, str, str, str]] = []
+        # (digest, persona_id, hook, body, body prompt) per post that passed validation; the
+        # body prompt is None for a post surely too long (no examples are built for it).
+        self.posts: list[tuple[int, str, str, str, str | None]] = []
         # The hook and body example of every post not surely too long, in that order.
         self.examples: list[list[dict[str, str]]] = []
 
@@ -193,8 +194,9 @@ class _DatasetBuilder:
                 self.rejected[reason] += 1
                 continue
             over = words_bound and (_surely_over(hook, limit) or _surely_over(body, limit))
-            chunk.posts.append((_digest(hook, body), over, persona_id, hook, body))
+            body_prompt = None
             if not over:
+                body_prompt = self._body_prompt.format(hook=hook)
                 system = {"role": "system", "content": _system_message(persona_id)}
                 chunk.examples.append([
                     system,
@@ -203,9 +205,10 @@ class _DatasetBuilder:
                 ])
                 chunk.examples.append([
                     system,
-                    {"role": "user", "content": self._body_prompt.format(hook=hook)},
+                    {"role": "user", "content": body_prompt},
                     {"role": "assistant", "content": body},
                 ])
+            chunk.posts.append((_digest(hook, body), persona_id, hook, body, body_prompt))
         self.posts_scanned += len(rows)
         return chunk
 
@@ -217,8 +220,8 @@ class _DatasetBuilder:
         examples fit the context.
         """
         at = 0
-        for digest, over, persona_id, hook, body in chunk.posts:
-            if not over:
+        for digest, persona_id, hook, body, body_prompt in chunk.posts:
+            if body_prompt is not None:
                 hook_tokens, body_tokens = counts[at], counts[at + 1]
                 at += 2
             if digest in self._seen:
@@ -226,7 +229,7 @@ class _DatasetBuilder:
                 continue
             # A post is one unit: its engagement scores hook and body together, so a post whose
             # body is too long does not contribute its hook alone either.
-            if over or max(hook_tokens, body_tokens) > self._context_limit:
+            if body_prompt is None or max(hook_tokens, body_tokens) > self._context_limit:
                 self.rejected["too_long"] += 1
                 continue
             self._seen.add(digest)
@@ -234,7 +237,7 @@ class _DatasetBuilder:
             if system is None:
                 system = self._system_json[persona_id] = _json_string(_system_message(persona_id))
             self._write(system, self._hook_prompt_json, hook)
-            self._write(system, _json_string(self._body_prompt.format(hook=hook)), body)
+            self._write(system, _json_string(body_prompt), body)
             self.examples_written += 2
             self.tokens += hook_tokens + body_tokens
 

@@ -14,7 +14,6 @@ A/B tests and deployments are the library's records in PostgreSQL and Redis.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -714,10 +713,8 @@ def _serve(config: PipelineConfig, *model_ids: str) -> None:
     except AdapterLoadError as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(exc)) from None
     except CircuitOpenError as exc:
-        retry_after = str(math.ceil(exc.remaining_seconds) + 1)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": retry_after}
-        ) from None
+        retry_after = {"Retry-After": str(exc.retry_after_seconds)}
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers=retry_after) from None
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
 

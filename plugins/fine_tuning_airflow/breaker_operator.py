@@ -10,7 +10,6 @@ what only the task knows: the check before work and the delay after.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -75,7 +74,7 @@ class CircuitOpenRetryPolicy(RetryPolicy):
 
 def retry_delay_for(open_error: CircuitOpenError, min_delay: timedelta = timedelta(0)) -> timedelta:
     """At least the remaining open time (rounded up, plus a second for clock skew)."""
-    return max(timedelta(seconds=math.ceil(open_error.remaining_seconds) + 1), min_delay)
+    return max(timedelta(seconds=open_error.retry_after_seconds), min_delay)
 
 
 class CircuitBreakerOperator(BaseOperator):
