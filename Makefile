@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv promtool demo test serve bench soak lint clean
+.PHONY: venv promtool demo test test-fast serve bench soak lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-selfhosted.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,19 @@ promtool:
 
 ## the main job: the weekly DAG end to end on local services
 demo: venv
-	$(PY) -m fine_tuning.demo
+	$(PY) -m fine_tuning.dev.demo
 
 ## Airflow UI/REST on 127.0.0.1:8080 with the local services, until Ctrl-C
 serve: venv
-	$(PY) -m fine_tuning.serve
+	$(PY) -m fine_tuning.dev.serve
 
-## the whole test suite
-test: venv
+## lint (ruff, format check, mypy), then the whole test suite
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+## lint, then every test but the slow ones (end to end, real Airflow, scale)
+test-fast: lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 ## collection, A/B evaluation, metrics cache and DAG parse at scale (up to 5M/10M posts, ~30 min);
 ## BENCH_MAX_POSTS caps the sizes; tables on stdout, JSON in bench/results/ (BENCH_RESULTS_DIR)
@@ -48,8 +52,11 @@ soak: venv
 	SOAK_RUNS=$${SOAK_RUNS:-20} $(PY) bench/fault_soak.py
 	$(PY) bench/breaker_overhead.py
 
+## ruff (its rules include AIR: Airflow 3 imports), ruff's format check, mypy (pyproject.toml)
 lint: venv
-	$(VENV)/bin/ruff check --select AIR dags plugins || true
+	$(VENV)/bin/ruff check include plugins dags
+	$(VENV)/bin/ruff format --check include plugins dags
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf .local

@@ -140,7 +140,7 @@ def _drop_orphans(admin: Any) -> None:
 def throwaway_schema() -> Iterator[str]:
     """A fresh schema (named after this process), migrated; yields a URL whose search_path is it.
     The schema is dropped whatever happens (an exception, Ctrl-C, SIGTERM)."""
-    from fine_tuning import db
+    from fine_tuning.infra import db
 
     schema = f"{SCHEMA_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with db.connect(BASE_URL, autocommit=True) as admin:

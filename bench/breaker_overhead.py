@@ -33,7 +33,7 @@ def per_call_us(call: Callable[[], object], calls: int, repeats: int = 5) -> flo
 
 
 def main() -> int:
-    from fine_tuning.breakers import CircuitBreaker
+    from fine_tuning.infra.breakers import CircuitBreaker
     from fine_tuning.config import BreakerConfig
 
     calls = int(os.environ.get("BREAKER_CALLS", "5000"))

@@ -3,14 +3,15 @@
     python bench/cache_bench.py
 
 The read path is the product's own: the ``GET /pipeline/evaluation/metrics/{ab_test_id}``
-endpoint function (A/B test row from PostgreSQL, then per-arm aggregates and the analysis, cached
-in Redis under a key holding the test's status and look count, for
-``evaluation.metrics_cache_ttl_seconds``), called in-process by reader threads (the API server
-runs such sync endpoints in a thread pool), in several processes (API server workers), each
-reader polling a random test, then waiting a think time.
+endpoint function with its config dependency (A/B test row from PostgreSQL, then per-arm
+aggregates and the analysis of ``fine_tuning.evaluate.report``, cached in Redis under a key
+holding the test's status and look count, for ``evaluation.metrics_cache_ttl_seconds``), called
+in-process by reader threads (the API server runs such sync endpoints in a thread pool), in
+several processes (API server workers), each reader polling a random test, then waiting a think
+time. Airflow's access check is left out.
 
 Time is compressed (BENCH_CACHE_SPEEDUP, default 60: a real second is a simulated minute). The
-clock the endpoint reads (``ab_steps.now_utc``) runs at that speed, and so do the TTL (5 min ->
+clock the endpoint reads (``fine_tuning.clock.now_utc``) runs at that speed, and so do the TTL (5 min ->
 5 s) and the writer, which inserts the agent's new posts into every test every 3 simulated
 minutes (the metrics change) and makes an evaluation look every 60 (the key changes). The
 readers' think time and the queries' cost stay real, so the hit rate measured is a lower bound
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,31 +59,38 @@ def _sim_now(go_wall: float, speedup: float) -> datetime:
     return SIM_START + timedelta(seconds=(time.time() - go_wall) * speedup)
 
 
-def _load_api() -> Any:
-    """The plugin's API module (Airflow needs a home; the bench gives it a throwaway one)."""
+def _load_api() -> Callable[[str], Any]:
+    """The plugin API's metrics read, as the API server serves a request: the config dependency
+    (read on every request), then the endpoint function; the access check's value is None.
+    (Airflow needs a home; the bench gives it a throwaway one.)"""
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="cache-bench-airflow-"))
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     plugins = str(_harness.REPO / "plugins")
     if plugins not in sys.path:
         sys.path.insert(0, plugins)
-    from fine_tuning_airflow import api
+    from fine_tuning_airflow.api import deps
+    from fine_tuning_airflow.api.routes import evaluation
 
-    return api
+    def read_metrics(ab_test_id: str) -> Any:
+        return evaluation.ab_test_metrics(None, deps.configured(), ab_test_id)
+
+    return read_metrics
 
 
 def reader_process(test_ids: list[str], threads: int, think_seconds: float, speedup: float) -> None:
     """One API server worker: ``threads`` readers polling until told to stop; prints their reads."""
-    import fine_tuning.ab_steps
-    from fine_tuning import ab
+    import fine_tuning.clock
+    from fine_tuning.config import load_config
+    from fine_tuning.evaluate import ab, report
 
-    api = _load_api()
-    config = api.pipeline_config()
+    read_metrics = _load_api()
+    config = load_config()
     # Import and connect everything the read path uses (scipy for the analysis...) off the clock.
     test = ab.get_ab_test(config, test_ids[0])
-    api._ab_metrics(config, test, SIM_START)
+    report.compute_metrics(config, test, SIM_START)
     print("ready", flush=True)
     go_wall, stop_wall = (float(x) for x in sys.stdin.readline().split())
-    fine_tuning.ab_steps.now_utc = lambda: _sim_now(go_wall, speedup)  # type: ignore[assignment]
+    fine_tuning.clock.now_utc = lambda: _sim_now(go_wall, speedup)  # type: ignore[assignment]
     reads: list[list[Any]] = []  # [latency seconds, cached]
     lock = threading.Lock()
 
@@ -91,7 +100,7 @@ def reader_process(test_ids: list[str], threads: int, think_seconds: float, spee
         mine = []
         while time.time() < stop_wall:
             started = time.perf_counter()
-            response = api.ab_test_metrics(ab_test_id=rng.choice(test_ids))
+            response = read_metrics(rng.choice(test_ids))
             mine.append([time.perf_counter() - started, response.cached])
             time.sleep(think_seconds)
         with lock:
@@ -119,7 +128,7 @@ def _config_file(directory: Path, mode: str, key_prefix: str, ttl_seconds: int) 
 
 def _create_tests(url: str, n_tests: int, posts_per_test: int) -> list[str]:
     """``n_tests`` running A/B tests, six days old, each with its posts so far."""
-    from fine_tuning import db
+    from fine_tuning.infra import db
     from fine_tuning.config import load_config
 
     evaluation = load_config(env={}).evaluation
@@ -168,7 +177,7 @@ class Writer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from fine_tuning import db
+        from fine_tuning.infra import db
 
         try:
             with db.connect(self.url, autocommit=True) as conn:
@@ -266,7 +275,7 @@ def _run_mode(mode: str, env: dict[str, str], test_ids: list[str], settings: dic
 
 
 def _check_cached_equals_direct(
-    api: Any, test_ids: list[str], files: dict[str, Path], cache: Any, at: datetime
+    read_metrics: Callable[[str], Any], test_ids: list[str], files: dict[str, Path], cache: Any, at: datetime
 ) -> dict[str, Any]:
     """With the clock stopped at ``at``: a miss, a hit, and a read straight from PostgreSQL.
 
@@ -275,17 +284,17 @@ def _check_cached_equals_direct(
     in whatever order they finish, so its sums may differ in the last bits; floats are compared to
     1e-9, everything else exactly.
     """
-    import fine_tuning.ab_steps
+    import fine_tuning.clock
 
-    fine_tuning.ab_steps.now_utc = lambda: at  # type: ignore[assignment]
+    fine_tuning.clock.now_utc = lambda: at  # type: ignore[assignment]
     _drop_keys(cache)
     largest_difference = 0.0
     for ab_test_id in test_ids:
         os.environ["FINE_TUNING_CONFIG_FILE"] = str(files["cache"])
-        miss = api.ab_test_metrics(ab_test_id=ab_test_id)
-        hit = api.ab_test_metrics(ab_test_id=ab_test_id)
+        miss = read_metrics(ab_test_id)
+        hit = read_metrics(ab_test_id)
         os.environ["FINE_TUNING_CONFIG_FILE"] = str(files["direct"])
-        direct = api.ab_test_metrics(ab_test_id=ab_test_id)
+        direct = read_metrics(ab_test_id)
         if miss.cached or not hit.cached or direct.cached:
             raise AssertionError(f"{ab_test_id}: expected miss, hit, direct; got cached={miss.cached}, "
                                  f"{hit.cached}, {direct.cached}")
@@ -314,7 +323,7 @@ def _relative_difference(cached: Any, direct: Any, where: str) -> float:
 
 
 def _drop_keys(cache: Any) -> None:
-    from fine_tuning.breakers import redis_client
+    from fine_tuning.infra.redis import shared_client as redis_client
 
     client = redis_client(_harness.REDIS_URL)
     keys = list(client.scan_iter(match=f"{cache.key_prefix}:*", count=1000))
@@ -327,7 +336,7 @@ def main() -> None:
         reader_process(json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))
         return
     _harness.exit_cleanly_on_sigterm()
-    from fine_tuning.cache import MetricsCache
+    from fine_tuning.infra.cache import MetricsCache
 
     settings = {
         "posts": _harness.bench_sizes([_harness.env_int("BENCH_CACHE_POSTS", 1_000_000)])[0],

@@ -3,7 +3,7 @@
     python bench/collect_bench.py              # 10k, 100k, 1M and 5M posts (BENCH_MAX_POSTS caps)
     python bench/collect_bench.py 250000       # any sizes
 
-For each size N: seed N synthetic posts (``fine_tuning.seed``) into a throwaway schema, then on
+For each size N: seed N synthetic posts (``fine_tuning.dev.seed``) into a throwaway schema, then on
 the same data, each in a fresh child process:
 
 * ours: ``collect_training_data`` with ``max_records=N`` (so LIMIT cuts nothing);
@@ -56,7 +56,7 @@ def _fetch_all_then_filter(database_url: str, params: dict[str, Any], chunk_size
     """The naive way: every row of posts into Python, then the query's WHERE, ORDER BY and LIMIT
     in Python, with PostgreSQL's semantics (NULL engagement counts as 0, NaN is the greatest).
     Yields the query's columns in chunks, as ``collect._stream_posts`` does."""
-    from fine_tuning import db
+    from fine_tuning.infra import db
 
     with db.connect(database_url) as conn:
         rows = conn.execute(
@@ -82,7 +82,8 @@ def _fetch_all_then_filter(database_url: str, params: dict[str, Any], chunk_size
 
 def child(mode: str, url: str, out_dir: str, n_posts: int) -> None:
     """In a fresh process: load the tokenizer, then collect (ours or naive) and print figures."""
-    from fine_tuning import collect, tokens
+    from fine_tuning.collect import dataset as collect
+    from fine_tuning.collect import tokens
     from fine_tuning.manifests import RunContext
 
     config = _config(url, n_posts)
@@ -150,8 +151,8 @@ def _copy_limit(url: str, n_posts: int) -> dict[str, Any]:
     when it is installed, else by psycopg; psql's own start (best of three ``SELECT 1``) is taken off."""
     import psycopg
 
-    from fine_tuning import db
-    from fine_tuning.collect import COLLECT_QUERY
+    from fine_tuning.infra import db
+    from fine_tuning.collect.dataset import COLLECT_QUERY
 
     with db.connect(url) as conn:
         select = psycopg.ClientCursor(conn).mogrify(COLLECT_QUERY, _query_params(url, n_posts))
@@ -187,7 +188,9 @@ def _tokenizer_limit(url: str, n_posts: int) -> dict[str, Any]:
     texts collection must count exactly: each valid post's hook, body and body prompt. Rows are
     read and filtered as collection does, outside the clock. No exact collection in one
     process can be faster than this."""
-    from fine_tuning import collect, db, tokens
+    from fine_tuning.collect import dataset as collect
+    from fine_tuning.infra import db
+    from fine_tuning.collect import tokens
 
     config = _config(url, n_posts)
     encode = tokens.encoding_for_model(config.training.base_model).encode_ordinary
@@ -235,8 +238,8 @@ def _queries(statements: dict[str, int]) -> int:
 
 
 def bench(n_posts: int, proxy: _harness.CountingProxy) -> tuple[dict[str, Any], dict[str, Any]]:
-    from fine_tuning import db
-    from fine_tuning.seed import seed_posts
+    from fine_tuning.infra import db
+    from fine_tuning.dev.seed import seed_posts
 
     with _harness.throwaway_schema() as url:
         with db.connect(url, autocommit=True) as conn:

@@ -8,7 +8,7 @@ test in which 10% of posts are the candidate's (see ``_harness.AB_POSTS_SQL``; s
 scored yet, NaN, without cost or quality, or failed). The table is UNLOGGED, to load it faster;
 reading it is the same.
 
-Then, in fresh child processes: ``fine_tuning.ab.arm_aggregates`` over the test's window (the one
+Then, in fresh child processes: ``fine_tuning.evaluate.ab.arm_aggregates`` over the test's window (the one
 query per look of the evaluation and of the status API), BENCH_EVAL_REPEATS times (default 5,
 the median reported), without any index on posts but its primary key, then with the indexes the
 migrations create, then with a covering index in place of (model_id, ts) (not shipped: measured so
@@ -60,7 +60,7 @@ def _window() -> dict[str, Any]:
 
 
 def child_ours(url: str, repeats: int) -> None:
-    from fine_tuning import ab
+    from fine_tuning.evaluate import ab
 
     times, aggregates = [], None
     for _ in range(repeats):
@@ -74,8 +74,8 @@ def child_naive(url: str) -> None:
     """The test's rows streamed into Python, every aggregate computed there."""
     import numpy as np
 
-    from fine_tuning import db
-    from fine_tuning.ab import ARM_FIELDS
+    from fine_tuning.infra import db
+    from fine_tuning.evaluate.ab import ARM_FIELDS
 
     started = time.perf_counter()
     sums = {arm: dict.fromkeys(ARM_FIELDS, 0.0) for arm in ("baseline", "candidate")}
@@ -152,7 +152,8 @@ def _check(
 
 def _plan(url: str) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) of the aggregate query: its scans, its sort, the blocks it read."""
-    from fine_tuning import ab, db
+    from fine_tuning.evaluate import ab
+    from fine_tuning.infra import db
 
     with db.connect(url) as conn:
         explained = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + ab.AGGREGATE_QUERY, _window())
@@ -196,7 +197,7 @@ def _build_index(conn: Any, name: str, definition: str) -> dict[str, Any]:
 def bench(
     n_posts: int, repeats: int, proxy: _harness.CountingProxy
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from fine_tuning import db
+    from fine_tuning.infra import db
 
     rows: list[dict[str, Any]] = []
     with _harness.throwaway_schema() as url:

@@ -62,11 +62,11 @@ def fault_schedule(rng: random.Random, rate: float) -> list[dict[str, Any]]:
 
 
 def write_collect(config: Any, run_id: str) -> Any:
-    from fine_tuning import steps
+    from fine_tuning import pipeline
     from fine_tuning.manifests import CollectManifest, RunContext
 
     ctx = RunContext(dag_id="weekly_fine_tuning", run_id=run_id, window_end=WINDOW_END)
-    directory = steps.run_dir(config, ctx)
+    directory = pipeline.run_dir(config, ctx)
     directory.mkdir(parents=True, exist_ok=True)
     dataset = directory / "dataset.jsonl"
     with dataset.open("w") as handle:
@@ -85,9 +85,9 @@ def write_collect(config: Any, run_id: str) -> Any:
 
 def run_task(step: Any, *args: Any) -> Any:
     """One task with Airflow's retries as the DAG sets them (compressed delays)."""
-    from fine_tuning.breakers import CircuitOpenError
+    from fine_tuning.infra.breakers import CircuitOpenError
     from fine_tuning.config import ConfigError
-    from fine_tuning.openai_training import TrainingRefusedError
+    from fine_tuning.train.providers import TrainingRefusedError
 
     for attempt in range(TASK_RETRIES + 1):
         try:
@@ -106,8 +106,8 @@ def run_task(step: Any, *args: Any) -> Any:
 
 
 def soak_rate(emulator: Any, base_params: dict[str, Any], rate: float, runs: int, seed: int) -> dict[str, Any]:
-    from fine_tuning import steps
-    from fine_tuning.breakers import get_breaker
+    from fine_tuning import pipeline
+    from fine_tuning.infra.breakers import get_breaker
     from fine_tuning.config import load_config
 
     rng = random.Random(seed)
@@ -126,9 +126,9 @@ def soak_rate(emulator: Any, base_params: dict[str, Any], rate: float, runs: int
             emulator.inject_fault(method="*", path=OPENAI_PATHS, count=1, **entry)
         started = time.monotonic()
         try:
-            uploaded = run_task(steps.upload, config, ctx, collect)
-            trained = run_task(steps.train, config, ctx, uploaded)
-            run_task(steps.wait, config, ctx, trained)
+            uploaded = run_task(pipeline.upload, config, ctx, collect)
+            trained = run_task(pipeline.train, config, ctx, uploaded)
+            run_task(pipeline.wait, config, ctx, trained)
             completed += 1
         except Exception as exc:
             reasons[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
@@ -136,7 +136,7 @@ def soak_rate(emulator: Any, base_params: dict[str, Any], rate: float, runs: int
         emulator.clear_faults()
         time.sleep(CLIENT_TIMEOUT_SECONDS + 0.6)  # let requests that timed out on the client land
         state = emulator.state()
-        key_prefix = f"{steps.idempotency_key(ctx.dag_id, ctx.run_id, collect.sha256)}"
+        key_prefix = f"{pipeline.idempotency_key(ctx.dag_id, ctx.run_id, collect.sha256)}"
         files = [f for f in state["files"] if f["filename"] == f"{key_prefix}.jsonl"]
         jobs = [j for j in state["jobs"] if (j.get("metadata") or {}).get("idempotency_key") == key_prefix]
         duplicate_files += max(len(files) - 1, 0)
@@ -190,7 +190,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     import logging
 
-    from fine_tuning.devstack import mlflow_server
+    from fine_tuning.dev.devstack import mlflow_server
     from openai_emulator.launch import EmulatorProcess
 
     logging.basicConfig(level=logging.ERROR)

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG
+
 from fine_tuning_airflow.operators import fine_tuning_step
 
 with DAG(

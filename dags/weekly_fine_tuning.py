@@ -18,9 +18,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, Param, chain
+from airflow.sdk import DAG, chain
+
 from fine_tuning_airflow.ab_operators import ABTestEvaluationOperator
 from fine_tuning_airflow.operators import WaitForFineTuningJobOperator, fine_tuning_step
+from fine_tuning_airflow.params import dag_params
 
 with DAG(
     dag_id="weekly_fine_tuning",
@@ -37,51 +39,8 @@ with DAG(
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=30),
     },
-    params={
-        "engagement_threshold": Param(
-            None, type=["null", "number"], minimum=0, maximum=1,
-            description="Minimum engagement rate of a post (default 0.06).",
-        ),
-        "days_back": Param(
-            None, type=["null", "integer"], minimum=1, maximum=366,
-            description="Days of posts before the run's data interval end (default 7).",
-        ),
-        "max_records": Param(
-            None, type=["null", "integer"], minimum=1,
-            description="Most posts to read (default 10000).",
-        ),
-        "training_data_threshold": Param(
-            None, type=["null", "integer"], minimum=10,
-            description="Fewest valid examples to train on; fewer skips the run (default 100).",
-        ),
-        "base_model": Param(
-            None, type=["null", "string"], description="Model to fine-tune (default gpt-3.5-turbo-0125).",
-        ),
-        "n_epochs": Param(
-            None, type=["null", "string", "integer"], description="'auto' or 1-50 (default auto).",
-        ),
-        "max_training_cost_usd": Param(
-            None, type=["null", "number"], minimum=0,
-            description="Refuse to start a job whose estimated cost is higher (default 50).",
-        ),
-        "traffic_split": Param(
-            None, type=["null", "number"], exclusiveMinimum=0, exclusiveMaximum=1,
-            description="Share of requests the candidate gets during the A/B test (default 0.1).",
-        ),
-        "a_b_test_duration_hours": Param(
-            None, type=["null", "number"], exclusiveMinimum=0, description="Planned A/B test length (default 168).",
-        ),
-        "evaluation_interval_minutes": Param(
-            None, type=["null", "number"], exclusiveMinimum=0, description="Minutes between A/B looks (default 60).",
-        ),
-        "strict_power": Param(
-            None, type=["null", "boolean"], description="Refuse an A/B test that cannot detect the lift (default false).",
-        ),
-        "deployment_strategy": Param(
-            None, type=["null", "string"], enum=[None, "gradual_rollout", "immediate"],
-            description="How a promoted candidate is rolled out (default gradual_rollout).",
-        ),
-    },
+    # Typed params from the config schema: the trigger form and REST conf are validated.
+    params=dag_params(),
 ) as dag:
     collect = fine_tuning_step("collect")
     upload = fine_tuning_step("upload")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
+
 from fine_tuning_airflow.api import fastapi_app
 
 
 class FineTuningPipelinePlugin(AirflowPlugin):
     name = "fine_tuning_pipeline"
     # Served by the Airflow API server next to /api/v2; the app puts auth on its own routes.
-    fastapi_apps = [fastapi_app]
+    fastapi_apps = [fastapi_app]  # noqa: RUF012 - AirflowPlugin declares an instance attribute

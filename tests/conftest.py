@@ -48,7 +48,7 @@ def emulator() -> Iterator[object]:
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` (SQLite backend, proxied artifacts) for the session."""
-    from fine_tuning.devstack import mlflow_server
+    from fine_tuning.dev.devstack import mlflow_server
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri

@@ -10,10 +10,12 @@ import psycopg
 import pytest
 import redis
 
-from fine_tuning import ab, db, rollout
+from fine_tuning.evaluate import ab
+from fine_tuning.infra import db
+from fine_tuning.deploy import rollout
 from fine_tuning.config import PipelineConfig, load_config
 from fine_tuning.routing import Routing, choose_model, get_routing, set_routing
-from fine_tuning.simulator import ModelBehaviour, simulate_traffic
+from fine_tuning.dev.simulator import ModelBehaviour, simulate_traffic
 
 BASE, CAND = "gpt-3.5-turbo-0125", "ft:gpt-3.5-turbo-0125:org:weekly:abc"
 T0 = datetime(2026, 11, 22, 2, tzinfo=UTC)
@@ -211,7 +213,7 @@ def test_each_look_logs_a_plot_to_the_pipeline_runs_mlflow_run(
 ) -> None:
     from mlflow import MlflowClient
 
-    from fine_tuning.registry import get_or_create_run
+    from fine_tuning.track.registry import get_or_create_run
 
     config.mlflow.tracking_uri = mlflow_uri
     config.mlflow.experiment_name = "ab_plots"
@@ -236,7 +238,7 @@ def test_the_evaluation_operator_defers_between_looks_and_returns_the_decision(
     from airflow.providers.standard.triggers.temporal import DateTimeTrigger
     from airflow.sdk.exceptions import TaskDeferred
 
-    from fine_tuning.ab_steps import now_utc
+    from fine_tuning.clock import now_utc
     from fine_tuning_airflow.ab_operators import ABTestEvaluationOperator
 
     monkeypatch.setenv("DATABASE_URL", pg_url)

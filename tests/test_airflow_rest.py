@@ -26,10 +26,10 @@ import httpx
 import psycopg
 import pytest
 
-from fine_tuning import db
-from fine_tuning.demo import DAG_ID, airflow_env
-from fine_tuning.devstack import Stack, free_port, wait_http
-from fine_tuning.seed import seed_posts
+from fine_tuning.infra import db
+from fine_tuning.dev.demo import DAG_ID, airflow_env
+from fine_tuning.dev.devstack import Stack, free_port, wait_http
+from fine_tuning.dev.seed import seed_posts
 from test_metrics import StatsdListener
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def services(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str, emulator
     schema = f"rest_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_BASE_URL, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
-    from fine_tuning.demo import with_search_path
+    from fine_tuning.dev.demo import with_search_path
 
     posts_url = with_search_path(PG_BASE_URL, schema)
     now = datetime.now(UTC)

@@ -26,7 +26,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from fine_tuning import db
+from fine_tuning.infra import db
 
 DAG_ID = "weekly_fine_tuning"
 USERS = "admin:admin,viewer:viewer,reader:viewer,runner:user"
@@ -151,7 +151,7 @@ def test_health_and_metrics_are_public_and_reveal_no_secrets(client: Any, servic
 
 
 def test_health_is_503_when_the_database_is_down(client: Any, services: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fine_tuning.devstack import free_port
+    from fine_tuning.dev.devstack import free_port
 
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres:s3cret-pw@127.0.0.1:{free_port()}/test")
     response = client.get("/pipeline/health")
@@ -210,6 +210,22 @@ def test_start_rejects_a_bad_body_naming_the_field(client: Any, admin: dict, bod
     response = client.post("/pipeline/fine-tuning/start", json=body, headers=admin)
     assert response.status_code == 422
     assert field in response.text
+
+
+def test_the_start_body_is_the_run_params_with_the_configs_bounds(client: Any, admin: dict) -> None:
+    """The start body's config is made from the config schema: one field per run param, typed and
+    bounded as the config's field, plus the design's ``weekly_schedule``; unknown keys refused."""
+    from fine_tuning.config import RUN_PARAMS
+
+    schemas = client.get("/pipeline/openapi.json").json()["components"]["schemas"]
+    start_config = schemas[schemas["StartRequest"]["properties"]["config"]["$ref"].rsplit("/", 1)[-1]]
+    assert set(start_config["properties"]) == {*RUN_PARAMS, "weekly_schedule"}
+    assert start_config["additionalProperties"] is False
+    for field, value in (("engagement_threshold", 1.5), ("n_epochs", 60), ("days_back", 0)):
+        response = client.post("/pipeline/fine-tuning/start", json={"config": {field: value}}, headers=admin)
+        assert response.status_code == 422, response.text
+        errors = response.json()["detail"]
+        assert errors and all(error["loc"][:3] == ["body", "config", field] for error in errors), errors
 
 
 def test_status_reads_stages_and_metrics_from_task_states_and_xcoms(client: Any, admin: dict, services: dict) -> None:
@@ -405,7 +421,7 @@ def test_a_selfhosted_candidate_that_vllm_cannot_load_starts_no_ab_test(
 ) -> None:
     """The endpoint loads the adapter into vLLM first, as the DAG's step does: vLLM unreachable
     is a 502 naming the server and the adapter, and no test row or routing is left behind."""
-    from fine_tuning.devstack import free_port
+    from fine_tuning.dev.devstack import free_port
 
     vllm = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("FINE_TUNING_SERVING_BASE_URL", vllm)
@@ -427,6 +443,54 @@ def test_a_selfhosted_candidate_that_vllm_cannot_load_starts_no_ab_test(
     bad = {**AB_BODY, "candidate_model": {"model_id": "selfhosted:../etc"}}
     response = client.post("/pipeline/evaluation/create-ab-test", json=bad, headers=admin)
     assert response.status_code == 422 and "not a self-hosted job id" in response.text
+
+
+def _promoted_ab_test(client: Any, headers: dict[str, str], pg_url: str, candidate: str) -> str:
+    body = {**AB_BODY, "candidate_model": {"model_id": candidate}}
+    created = client.post("/pipeline/evaluation/create-ab-test", json=body, headers=headers)
+    assert created.status_code == 201, created.text
+    ab_test_id = created.json()["ab_test_id"]
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "UPDATE ab_tests SET status = 'promote', last_analysis = %s WHERE id = %s",
+            (json.dumps({"srm_ok": True, "decision": "promote"}), ab_test_id),
+        )
+    return ab_test_id
+
+
+def test_deploy_is_idempotent_per_test_and_one_rollout_per_model_type(
+    client: Any, admin: dict, services: dict
+) -> None:
+    """Concurrent deploys of one test make one deployment (the library returns it to each); a
+    second test's deploy while that rollout is live is a 409 naming the model type."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fine_tuning.clock import now_utc
+    from fine_tuning.config import load_config
+    from fine_tuning.deploy import rollout
+    from fine_tuning.infra.redis import redis_client
+
+    first = _promoted_ab_test(client, admin, services["pg_url"], CANDIDATE)
+    config = load_config()
+    with ThreadPoolExecutor(4) as pool:
+        records = list(pool.map(lambda _: rollout.deploy(config, redis_client(config), first, now_utc()), range(4)))
+    assert len({r["id"] for r in records}) == 1 and records[0]["status"] == "rolling_out"
+    with psycopg.connect(services["pg_url"]) as conn:
+        assert conn.execute("SELECT count(*) FROM deployments WHERE ab_test_id = %s", (first,)).fetchone()[0] == 1
+
+    second = _promoted_ab_test(client, admin, services["pg_url"], "ft:gpt-3.5-turbo:threads:other")
+    body = {
+        "model_version": {"model_id": "ft:gpt-3.5-turbo:threads:other"},
+        "evaluation_result": {"ab_test_id": second, "recommendation": "promote", "safety_checks_passed": True},
+    }
+    refused = client.post("/pipeline/deployment/deploy", json=body, headers=admin)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["detail"] == f"another rollout of {records[0]['model_type']} models is active"
+    # The first test's deploy asked again over the API is the same deployment.
+    again = {**body, "model_version": {"model_id": CANDIDATE},
+             "evaluation_result": {**body["evaluation_result"], "ab_test_id": first}}
+    repeated = client.post("/pipeline/deployment/deploy", json=again, headers=admin)
+    assert repeated.status_code == 201 and repeated.json()["deployment_id"] == records[0]["id"]
 
 
 def test_unknown_ab_tests_and_deployments_are_404(client: Any, admin: dict, services: dict) -> None:
@@ -454,11 +518,12 @@ def test_schemathesis_finds_no_server_error(airflow_app: Any, services: dict) ->
     from schemathesis.checks import not_a_server_error
 
     from fine_tuning_airflow import api
+    from fine_tuning_airflow.api import deps
 
     overrides = {
         dependency: (lambda: None)
-        for dependency in (api.read_pipeline_runs, api.trigger_pipeline_runs, api.edit_pipeline_runs,
-                           api.read_pipeline, api.edit_pipeline, api.edit_rollouts)
+        for dependency in (deps.read_pipeline_runs, deps.trigger_pipeline_runs, deps.edit_pipeline_runs,
+                           deps.read_pipeline, deps.edit_pipeline, deps.edit_rollouts)
     }
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from airflow.api_fastapi.core_api.security import get_user

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fine_tuning import collect
+from fine_tuning.collect import dataset as collect
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

@@ -20,7 +20,7 @@ import pytest
 import redis
 from airflow.sdk.definitions.retry_policy import RetryAction
 
-from fine_tuning.breakers import (
+from fine_tuning.infra.breakers import (
     BREAKER_NAMES,
     BreakerListener,
     CircuitBreaker,
@@ -246,7 +246,7 @@ def test_get_breaker_interface_and_defaults() -> None:
 CHILD = textwrap.dedent(
     """
     import json, sys
-    from fine_tuning.breakers import CircuitBreaker, CircuitOpenError
+    from fine_tuning.infra.breakers import CircuitBreaker, CircuitOpenError
     from fine_tuning.config import BreakerConfig
     prefix, action = sys.argv[1], sys.argv[2]
     breaker = CircuitBreaker("openai", BreakerConfig(**json.loads(sys.argv[3])), "redis://127.0.0.1:6379/0",
@@ -297,7 +297,7 @@ def test_two_processes_share_one_breaker() -> None:
 
 def test_redis_down_falls_back_to_per_process_state_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
     breaker = make_breaker(DEAD_REDIS_URL)
-    with caplog.at_level(logging.WARNING, logger="fine_tuning.breakers"):
+    with caplog.at_level(logging.WARNING, logger="fine_tuning.infra.redis"):
         assert breaker.call(lambda: "still works") == "still works"
         fail(breaker)
         fail(breaker)
@@ -344,8 +344,17 @@ def test_operator_fails_fast_and_retries_after_the_open_time(openai_env) -> None
 
 
 def test_register_does_not_fail_fast_on_an_open_mlflow_breaker() -> None:
-    assert FineTuningStepOperator(task_id="register", step="register").breakers_for_task() == ()
-    assert WaitForFineTuningJobOperator(task_id="wait", job_id="ftjob-1").breakers_for_task() == ("openai",)
+    config = load_config()
+    assert FineTuningStepOperator(task_id="register", step="register").breakers_for_task(config) == ()
+    assert FineTuningStepOperator(task_id="train", step="train").breakers_for_task(config) == ("openai",)
+    assert WaitForFineTuningJobOperator(task_id="wait", job_id="ftjob-1").breakers_for_task(config) == ("openai",)
+
+
+def test_a_provider_without_a_remote_api_checks_no_breaker() -> None:
+    """Self-hosted training never calls OpenAI: an open OpenAI breaker must not stop it."""
+    config = load_config(params={"training_provider": "selfhosted"})
+    assert FineTuningStepOperator(task_id="train", step="train").breakers_for_task(config) == ()
+    assert WaitForFineTuningJobOperator(task_id="wait", job_id="selfhosted-x-1").breakers_for_task(config) == ()
 
 
 async def test_trigger_opens_and_waits_out_the_breaker_under_the_runs_thresholds(
@@ -391,7 +400,7 @@ async def test_trigger_opens_and_waits_out_the_breaker_under_the_runs_thresholds
 
 
 def test_an_open_openai_breaker_does_not_stop_selfhosted_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fine_tuning.breakers import get_breaker
+    from fine_tuning.infra.breakers import get_breaker
     from fine_tuning.config import load_config
     from fine_tuning_airflow.operators import FineTuningStepOperator
 
@@ -402,7 +411,7 @@ def test_an_open_openai_breaker_does_not_stop_selfhosted_training(monkeypatch: p
         breaker.record_failure(breaker.acquire(), ConnectionError("connection refused"))
     assert breaker.state == "open"
     operator = FineTuningStepOperator(task_id="train", step="train")
-    from fine_tuning.breakers import CircuitOpenError
+    from fine_tuning.infra.breakers import CircuitOpenError
 
     with pytest.raises(CircuitOpenError):
         operator.check_breakers(openai_config)

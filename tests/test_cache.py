@@ -10,7 +10,7 @@ import psycopg
 import pytest
 import redis
 
-from fine_tuning.cache import MetricsCache
+from fine_tuning.infra.cache import MetricsCache
 from fine_tuning.config import load_config
 from fine_tuning_airflow.cache_hook import CachedMetricsHook
 

@@ -18,11 +18,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from fine_tuning import db, tokens
-from fine_tuning.collect import REJECTION_REASONS, _rejection, collect_training_data
+from fine_tuning.infra import db
+from fine_tuning.collect import tokens
+from fine_tuning.collect.dataset import REJECTION_REASONS, _rejection, collect_training_data
 from fine_tuning.config import PipelineConfig, load_config
 from fine_tuning.manifests import CollectManifest, RunContext
-from fine_tuning.seed import seed_posts
+from fine_tuning.dev.seed import seed_posts
 
 WINDOW_END = datetime(2026, 11, 1, tzinfo=UTC)
 IN_WINDOW = WINDOW_END - timedelta(days=2)
@@ -339,7 +340,7 @@ def test_bad_inputs_fail_before_any_work(pg_url: str, tmp_path: Path) -> None:
 def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base model directory whose tokenizer was trained offline on post-like text."""
     pytest.importorskip("transformers")
-    from fine_tuning.providers.tiny_model import build_tiny_tokenizer
+    from fine_tuning.dev.tiny_model import build_tiny_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny-base")
     sample = directory / "sample.jsonl"
@@ -366,7 +367,7 @@ def test_selfhosted_collect_counts_with_the_base_models_tokenizer(
     insert(conn, (post(i, 0.1) for i in range(12)))
     config = make_config(pg_url, training_provider="selfhosted", base_model="Qwen/Qwen2.5-0.5B-Instruct",
                          training={"selfhosted": {"base_model_path": str(tiny_base_model)}})
-    with caplog.at_level("INFO", logger="fine_tuning.collect"):
+    with caplog.at_level("INFO", logger="fine_tuning.collect.dataset"):
         manifest = run(config, tmp_path)
 
     assert manifest.status == "ready" and manifest.examples_written == 24
@@ -419,7 +420,7 @@ def test_selfhosted_collect_without_the_base_model_approximates_once_and_records
     missing = tmp_path / "models" / "qwen"
     config = make_config(pg_url, training_provider="selfhosted", base_model="Qwen/Qwen2.5-0.5B-Instruct",
                          training={"selfhosted": {"base_model_path": str(missing)}})
-    with caplog.at_level("INFO", logger="fine_tuning.collect"):
+    with caplog.at_level("INFO", logger="fine_tuning.collect.dataset"):
         manifest = run(config, tmp_path / "out")
 
     assert manifest.status == "ready"
@@ -441,8 +442,8 @@ _MEMORY_PROBE = textwrap.dedent(
     import json, sys, threading
     from datetime import datetime
     import psutil
-    from fine_tuning import tokens
-    from fine_tuning.collect import collect_training_data
+    from fine_tuning.collect import tokens
+    from fine_tuning.collect.dataset import collect_training_data
     from fine_tuning.config import load_config
     from fine_tuning.manifests import RunContext
 

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import airflow.sdk  # noqa: F401 - importing Airflow puts plugins/ on sys.path
 import pytest
 
-from fine_tuning import db
+from fine_tuning.infra import db
 from fine_tuning.config import load_config
-from fine_tuning.seed import seed_posts
+from fine_tuning.dev.seed import seed_posts
 from fine_tuning_airflow.hooks import ServiceConnectionsHook
 from fine_tuning_airflow.operators import FineTuningStepOperator
 
@@ -40,7 +40,7 @@ def test_collect_reads_the_posts_database_of_the_connection(
     assert manifest["posts_scanned"] > 300
 
     # The same collect straight from the library with the real database URL: the same dataset.
-    from fine_tuning.collect import collect_training_data
+    from fine_tuning.collect.dataset import collect_training_data
     from fine_tuning.manifests import RunContext
 
     direct = collect_training_data(

@@ -59,3 +59,51 @@ def test_parse_touches_no_heavy_import() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY=\n" in out.stdout, out.stdout
+
+
+def test_weekly_params_are_the_config_schema(dagbag: DagBag) -> None:
+    """The DAG's params are the config's run params, with the config fields' types and bounds."""
+    from fine_tuning.config import RUN_PARAMS, run_param_schemas
+
+    params = dagbag.dags["weekly_fine_tuning"].params
+    assert set(params.keys()) == set(RUN_PARAMS)
+    for name, schema in run_param_schemas().items():
+        assert params.get_param(name).schema == {k: v for k, v in schema.items() if k != "description"}, name
+        assert params.get_param(name).value is None  # empty keeps the configured value
+
+
+# A value each side must refuse, and one it must take: the trigger form's Param and the config
+# (which every task builds) agree because both come from the config field.
+BAD_AND_GOOD = [
+    ("engagement_threshold", 1.5, 0.07),
+    ("days_back", 0, 14),
+    ("max_records", 0, 500),
+    ("training_data_threshold", 5, 10),
+    ("training_provider", "vertex", "selfhosted"),
+    ("base_model", "", "gpt-4o-mini-2024-07-18"),
+    ("n_epochs", 60, 3),
+    ("n_epochs", "many", "auto"),
+    ("max_training_cost_usd", -1, 0),
+    ("traffic_split", 1.0, 0.5),
+    ("a_b_test_duration_hours", 0, 0.5),
+    ("evaluation_interval_minutes", 0, 5),
+    ("strict_power", "maybe", True),
+    ("deployment_strategy", "big_bang", "immediate"),
+]
+
+
+@pytest.mark.parametrize(("name", "bad", "good"), BAD_AND_GOOD)
+def test_a_bound_is_enforced_alike_by_the_dag_param_and_the_config(
+    dagbag: DagBag, name: str, bad: object, good: object
+) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from fine_tuning.config import RUN_PARAMS, ConfigError, load_config
+
+    param = dagbag.dags["weekly_fine_tuning"].params.get_param(name)
+    with pytest.raises(ParamValidationError):
+        param.resolve(bad)
+    with pytest.raises(ConfigError, match=".".join(RUN_PARAMS[name].path)):  # the error names it
+        load_config(env={}, params={name: bad})
+    assert param.resolve(good) == good
+    load_config(env={}, params={name: good})

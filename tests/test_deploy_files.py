@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,28 @@ def test_dockerfile_installs_the_pinned_requirements_and_the_package_as_airflow(
     assert any("dags/" in c for c in copies) and any("plugins/" in c for c in copies)
     users = [args for instruction, args in instructions if instruction == "USER"]
     assert users and users[-1] == "airflow"  # the image runs as the airflow user, never root
+
+
+def test_the_image_leaves_out_the_development_tools() -> None:
+    """dev/ (demo, local stack, seeder, settings loader, tiny model) and the emulator are not
+    shipped: the build context excludes them, and nothing the image runs imports them."""
+    ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"include/fine_tuning/dev", "include/openai_emulator"} <= ignored
+    # Every module but dev/'s, by file: pkgutil.walk_packages would import dev/ to walk into it.
+    shipped = sorted(
+        ".".join(path.relative_to(REPO / "include").with_suffix("").parts).removesuffix(".__init__")
+        for path in (REPO / "include" / "fine_tuning").rglob("*.py")
+        if "dev" not in path.relative_to(REPO / "include").parts
+    )
+    assert "fine_tuning.pipeline" in shipped and "fine_tuning.train.providers.openai" in shipped
+    code = (
+        f"import sys, importlib; sys.path.insert(0, 'plugins'); [importlib.import_module(m) for m in {shipped!r}]; "
+        "import fine_tuning_airflow.operators, fine_tuning_airflow.pods, fine_tuning_airflow.triggers; "
+        "print(sorted(m for m in sys.modules if m.startswith(('fine_tuning.dev', 'openai_emulator'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
@@ -175,6 +198,6 @@ def test_airflow_settings_parse_with_the_connections_and_pool() -> None:
     assert connections["postgres_default"]["conn_type"] == "postgres"
     pools = {p["pool_name"]: p for p in settings["pools"]}
     assert pools["openai_fine_tuning"]["pool_slot"] >= 1
-    from fine_tuning.airflow_settings import read_settings
+    from fine_tuning.dev.airflow_settings import read_settings
 
     read_settings(REPO / "airflow_settings.yaml")  # what the loader accepts (no unknown key)

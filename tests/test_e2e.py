@@ -12,10 +12,10 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from fine_tuning import db
-from fine_tuning.demo import DAG_ID, airflow_env
-from fine_tuning.devstack import Stack
-from fine_tuning.seed import seed_posts
+from fine_tuning.infra import db
+from fine_tuning.dev.demo import DAG_ID, airflow_env
+from fine_tuning.dev.devstack import Stack
+from fine_tuning.dev.seed import seed_posts
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fine_tuning.config import load_config
-from fine_tuning.health import check_health, prometheus_text
+from fine_tuning.infra.health import check_health, prometheus_text
 
 
 @pytest.fixture

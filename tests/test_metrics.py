@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fine_tuning import db, metrics
+from fine_tuning.infra import db
+from fine_tuning.infra import metrics
 from fine_tuning.config import load_config
 from fine_tuning.manifests import CollectManifest, JobResult
-from fine_tuning.seed import seed_posts
+from fine_tuning.dev.seed import seed_posts
 # The end-to-end test's Airflow home fixture and its `airflow dags test` runner, reused.
 from test_e2e import LAST_WEEK_END, airflow  # noqa: F401
 

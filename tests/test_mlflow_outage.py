@@ -16,11 +16,12 @@ from mlflow import MlflowClient
 sys.path.insert(0, str(Path(__file__).parent))
 from faulty_proxy import FaultyProxy  # noqa: E402
 
-from fine_tuning import steps, tracking_buffer  # noqa: E402
-from fine_tuning.breakers import get_breaker  # noqa: E402
+from fine_tuning import pipeline  # noqa: E402
+from fine_tuning.track import outbox as tracking_buffer  # noqa: E402
+from fine_tuning.infra.breakers import get_breaker  # noqa: E402
 from fine_tuning.config import PipelineConfig, load_config  # noqa: E402
 from fine_tuning.manifests import CollectManifest, JobResult, RunContext, TrainingManifest  # noqa: E402
-from fine_tuning.registry import log_cost_estimate  # noqa: E402
+from fine_tuning.track.registry import log_cost_estimate  # noqa: E402
 
 END = datetime(2026, 11, 22, 2, tzinfo=UTC)
 
@@ -75,17 +76,17 @@ def test_outage_is_buffered_then_replayed_in_order_exactly_once(
 ) -> None:
     ctx = RunContext(dag_id="weekly_fine_tuning", run_id="scheduled__outage", window_end=END)
     collect, training, result = manifests(ctx)
-    steps.run_dir(config, ctx).mkdir(parents=True)
+    pipeline.run_dir(config, ctx).mkdir(parents=True)
 
     proxy.down()
     assert log_cost_estimate(config, ctx.dag_id, ctx.run_id, tokens=90_000, epochs=3, cost_usd=2.16) is None
-    registration = steps.register(config, ctx, collect, training, result)
+    registration = pipeline.register(config, ctx, collect, training, result)
     assert registration.status == "buffered" and registration.model_version is None
     assert registration.fine_tuned_model == result.fine_tuned_model  # what the rest of the run needs
     queued = tracking_buffer.pending_operations(config)
     assert [p.name.split("-")[1] for p in queued] == ["cost_estimate", "register_candidate"]
     # A retried register task queues nothing twice.
-    assert steps.register(config, ctx, collect, training, result).status == "buffered"
+    assert pipeline.register(config, ctx, collect, training, result).status == "buffered"
     assert len(tracking_buffer.pending_operations(config)) == 2
     saved = tmp_path / "saved_outbox"
     shutil.copytree(tracking_buffer.outbox_dir(config), saved)
@@ -101,7 +102,7 @@ def test_outage_is_buffered_then_replayed_in_order_exactly_once(
     run = runs[0]
     assert run.data.metrics["estimated_cost_usd"] == 2.16 and run.data.metrics["examples_written"] == 800
     assert run.data.params["fine_tuning_job_id"] == training.job_id
-    final = json.loads((steps.run_dir(config, ctx) / "register.json").read_text())
+    final = json.loads((pipeline.run_dir(config, ctx) / "register.json").read_text())
     assert final["status"] == "registered" and final["model_version"] == versions[0].version
 
     # A replay killed after MLflow took an operation, before its file was removed, runs it again:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fine_tuning import metrics
-from fine_tuning.breakers import BREAKER_NAMES
+from fine_tuning.infra import metrics
+from fine_tuning.infra.breakers import BREAKER_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "include" / "monitoring"
@@ -40,7 +40,7 @@ def map_statsd(name: str) -> tuple[str, dict[str, str]] | None:
 
 def produced_series() -> set[str]:
     """Every Prometheus name the mapping makes from our metrics and Airflow's, plus /metrics' own."""
-    from fine_tuning.health import BreakerStatus, ComponentCheck, HealthReport, prometheus_text
+    from fine_tuning.infra.health import BreakerStatus, ComponentCheck, HealthReport, prometheus_text
 
     names: set[str] = set()
     for spec in metrics.METRICS:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from airflow.sdk import DAG
 
-from fine_tuning.steps import STEP_INPUTS
+from fine_tuning.step_graph import STEP_INPUTS
 from fine_tuning_airflow.operators import fine_tuning_step
 from fine_tuning_airflow.pods import EXIT_SKIPPED
 

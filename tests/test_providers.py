@@ -15,11 +15,11 @@ import airflow.sdk  # noqa: F401 - importing Airflow puts plugins/ on sys.path
 import httpx
 import pytest
 
-from fine_tuning import steps
+from fine_tuning import pipeline
 from fine_tuning.config import PipelineConfig, load_config
 from fine_tuning.manifests import CollectManifest, RunContext
-from fine_tuning.openai_training import TrainingRefusedError
-from fine_tuning.providers import JOB_STATES, UnknownProviderError, get_provider, provider_class
+from fine_tuning.train.providers import TrainingRefusedError
+from fine_tuning.train.providers import JOB_STATES, UnknownProviderError, get_provider, provider_class
 
 WINDOW_END = datetime(2026, 11, 22, 2, tzinfo=UTC)
 WORDS = (
@@ -86,13 +86,13 @@ def azure_config(openai_env, mlflow_uri: str, tmp_path: Path, monkeypatch: pytes
 
 
 def test_azure_same_contract_through_azure_urls(azure_config: PipelineConfig, ctx: RunContext, openai_env) -> None:
-    collected = collected_manifest(write_dataset(steps.run_dir(azure_config, ctx)), ctx)
-    first = steps.upload(azure_config, ctx, collected)
-    again = steps.upload(azure_config, ctx, collected)
+    collected = collected_manifest(write_dataset(pipeline.run_dir(azure_config, ctx)), ctx)
+    first = pipeline.upload(azure_config, ctx, collected)
+    again = pipeline.upload(azure_config, ctx, collected)
     assert first.provider == "azure_openai" and again.file_id == first.file_id and again.reused_file
-    job = steps.train(azure_config, ctx, first)
-    assert steps.train(azure_config, ctx, again).job_id == job.job_id
-    result = steps.wait(azure_config, ctx, job)
+    job = pipeline.train(azure_config, ctx, first)
+    assert pipeline.train(azure_config, ctx, again).job_id == job.job_id
+    result = pipeline.wait(azure_config, ctx, job)
     assert result.status == "succeeded" and result.provider == "azure_openai" and result.fine_tuned_model
     state = openai_env.state()
     assert len(state["files"]) == 1 and len(state["jobs"]) == 1
@@ -114,17 +114,17 @@ def test_emulator_azure_shape_checks_version_and_key(openai_env) -> None:
 def test_azure_refusal_fails_fast_and_says_how_to_switch(
     azure_config: PipelineConfig, ctx: RunContext, openai_env
 ) -> None:
-    collected = collected_manifest(write_dataset(steps.run_dir(azure_config, ctx)), ctx)
-    uploaded = steps.upload(azure_config, ctx, collected)
+    collected = collected_manifest(write_dataset(pipeline.run_dir(azure_config, ctx)), ctx)
+    uploaded = pipeline.upload(azure_config, ctx, collected)
     openai_env.inject_fault(method="POST", path="/v1/fine_tuning/jobs", status=429, count=5,
                             error_code="insufficient_quota")
     with pytest.raises(TrainingRefusedError, match="training.provider"):
-        steps.train(azure_config, ctx, uploaded)
+        pipeline.train(azure_config, ctx, uploaded)
     assert len(openai_env.requests("POST", "/v1/fine_tuning/jobs")) == 1  # not retried
 
 
 def test_missing_azure_endpoint_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fine_tuning.providers.azure_openai import AzureConfigError, azure_credentials
+    from fine_tuning.train.providers.azure_openai import AzureConfigError, azure_credentials
 
     monkeypatch.setenv("FINE_TUNING_TRAINING_PROVIDER", "azure_openai")
     monkeypatch.delenv("AZURE_OPENAI_ENDPOINT", raising=False)
@@ -140,7 +140,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Llama and a BPE tokenizer trained on the data: the 'configured base model path'."""
-    from fine_tuning.providers.tiny_model import build_tiny_chat_model
+    from fine_tuning.dev.tiny_model import build_tiny_chat_model
 
     directory = tmp_path_factory.mktemp("base")
     return build_tiny_chat_model(write_dataset(directory / "data"), directory / "tiny-chat")
@@ -169,14 +169,14 @@ def test_selfhosted_trains_registers_and_the_adapter_changes_outputs(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = selfhosted_config
-    collected = collected_manifest(write_dataset(steps.run_dir(config, ctx)), ctx)
-    uploaded = steps.upload(config, ctx, collected)
+    collected = collected_manifest(write_dataset(pipeline.run_dir(config, ctx)), ctx)
+    uploaded = pipeline.upload(config, ctx, collected)
     assert uploaded.provider == "selfhosted" and uploaded.estimated_cost_usd == 0.0
-    training = steps.train(config, ctx, uploaded)
+    training = pipeline.train(config, ctx, uploaded)
     assert not training.reused_job
-    again = steps.train(config, ctx, uploaded)  # a retry finds the running job
+    again = pipeline.train(config, ctx, uploaded)  # a retry finds the running job
     assert again.job_id == training.job_id and again.reused_job
-    result = steps.wait(config, ctx, training)
+    result = pipeline.wait(config, ctx, training)
     assert result.status == "succeeded"
     assert result.fine_tuned_model == f"selfhosted:{training.job_id.removeprefix('selfhosted-')}"
 
@@ -200,7 +200,7 @@ def test_selfhosted_trains_registers_and_the_adapter_changes_outputs(
         after = tuned(**prompt).logits
     assert not torch.allclose(before, after, atol=1e-4)
 
-    registration = steps.register(config, ctx, collected, training, result)
+    registration = pipeline.register(config, ctx, collected, training, result)
     assert registration.status == "registered" and registration.fine_tuned_model == result.fine_tuned_model
     client = MlflowClient(mlflow_uri, mlflow_uri)
     version = client.get_model_version(registration.model_name, registration.model_version)
@@ -219,12 +219,12 @@ def test_selfhosted_cancel_and_a_failed_job_is_not_reused(
 ) -> None:
     config = selfhosted_config
     config.training.selfhosted.base_model_path = str(tmp_path / "no-such-model")
-    collected = collected_manifest(write_dataset(steps.run_dir(config, ctx)), ctx)
-    uploaded = steps.upload(config, ctx, collected)
-    training = steps.train(config, ctx, uploaded)
+    collected = collected_manifest(write_dataset(pipeline.run_dir(config, ctx)), ctx)
+    uploaded = pipeline.upload(config, ctx, collected)
+    training = pipeline.train(config, ctx, uploaded)
     with pytest.raises(Exception, match="base_model_path"):
-        steps.wait(config, ctx, training)
-    retried = steps.train(config, ctx, uploaded)
+        pipeline.wait(config, ctx, training)
+    retried = pipeline.train(config, ctx, uploaded)
     assert retried.job_id != training.job_id and not retried.reused_job
     provider = get_provider(config)
     assert provider.cancel(retried.job_id) in ("cancelled", "failed")
@@ -239,8 +239,8 @@ async def test_trigger_waits_for_a_selfhosted_job(selfhosted_config: PipelineCon
     assert getattr(importlib.import_module(module), name)(**kwargs).serialize() == (classpath, kwargs)
 
     config = selfhosted_config
-    collected = collected_manifest(write_dataset(steps.run_dir(config, ctx)), ctx)
-    training = steps.train(config, ctx, steps.upload(config, ctx, collected))
+    collected = collected_manifest(write_dataset(pipeline.run_dir(config, ctx)), ctx)
+    training = pipeline.train(config, ctx, pipeline.upload(config, ctx, collected))
     trigger = FineTuningJobTrigger(job_id=training.job_id, poll_interval=0.2, provider="selfhosted")
     event = await trigger.run().__anext__()
     assert event.payload["status"] == "success", event.payload
@@ -287,7 +287,7 @@ def test_selfhosted_train_pod_asks_for_the_gpu_and_collect_reads_the_base_model(
 
 
 def test_load_lora_adapter_posts_to_vllm() -> None:
-    from fine_tuning.providers.selfhosted import load_lora_adapter
+    from fine_tuning.deploy.serving import load_lora_adapter
 
     received: list[tuple[str, dict]] = []
 

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from fine_tuning.config import load_config
 from fine_tuning.manifests import CollectManifest, JobResult, TrainingManifest
-from fine_tuning.registry import register_candidate
+from fine_tuning.track.registry import register_candidate
 
 END = datetime(2026, 11, 22, 2, tzinfo=UTC)
 

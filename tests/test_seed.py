@@ -9,8 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from fine_tuning import db, tokens
-from fine_tuning.seed import BAD_KINDS, HUGE_BODY_WORDS, seed_posts
+from fine_tuning.infra import db
+from fine_tuning.collect import tokens
+from fine_tuning.dev.seed import BAD_KINDS, HUGE_BODY_WORDS, seed_posts
 
 END = datetime(2026, 11, 1, tzinfo=UTC)
 # A digest of every column but the id, in insertion order.

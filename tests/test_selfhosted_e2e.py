@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from fine_tuning import db
-from fine_tuning.seed import seed_posts
+from fine_tuning.infra import db
+from fine_tuning.dev.seed import seed_posts
 from test_e2e import LAST_WEEK_END, airflow, dags_test  # noqa: F401 - the fixture is used by name
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 def test_weekly_dag_end_to_end_selfhosted(
     airflow: dict[str, str], pg_url: str, openai_env, mlflow_uri: str, tmp_path: Path  # noqa: F811
 ) -> None:
-    from fine_tuning.providers.tiny_model import build_tiny_chat_model
+    from fine_tuning.dev.tiny_model import build_tiny_chat_model
 
     with db.connect(pg_url) as conn:
         db.migrate(conn)

@@ -22,10 +22,11 @@ import psycopg
 import pytest
 import redis
 
-from fine_tuning import ab_steps, db
+from fine_tuning import pipeline
+from fine_tuning.infra import db
 from fine_tuning.config import PipelineConfig, load_config
 from fine_tuning.manifests import EvaluationManifest, RegistrationManifest, RunContext
-from fine_tuning.providers.selfhosted import AdapterLoadError
+from fine_tuning.deploy.serving import AdapterLoadError
 from fine_tuning.routing import Routing, get_routing, set_routing
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -188,7 +189,7 @@ def test_ab_create_loads_the_adapters_before_any_traffic_is_routed(
     old, new = trained_adapter(config, OLD), trained_adapter(config, NEW)
     make_champion(config, f"selfhosted:{OLD}")
 
-    test = ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    test = pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
 
     assert [(load["name"], load["path"]) for load in vllm.loads] == [(OLD, str(old)), (NEW, str(new))]
     assert all(load["routing"] is None for load in vllm.loads)  # no request could reach them yet
@@ -198,7 +199,7 @@ def test_ab_create_loads_the_adapters_before_any_traffic_is_routed(
     assert (test.baseline_model, test.candidate_model) == (f"selfhosted:{OLD}", f"selfhosted:{NEW}")
 
     # A retried task finds its test; loading again is harmless (vLLM: "already been loaded").
-    again = ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    again = pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     assert again.ab_test_id == test.ab_test_id and len(ab_test_rows(config)) == 1
     assert len(vllm.loads) == 4 and set(vllm.served_models()) == {BASE_MODEL, OLD, NEW}
 
@@ -212,7 +213,7 @@ def test_when_vllm_refuses_the_candidate_no_ab_test_starts(
     set_routing(redis_client, "body", before)
 
     with pytest.raises(AdapterLoadError) as refused:
-        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))  # no adapter folder
+        pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))  # no adapter folder
 
     message = str(refused.value)
     assert f"vLLM at {vllm.url}/load_lora_adapter refused to load LoRA adapter '{NEW}'" in message
@@ -234,7 +235,7 @@ def test_an_unreachable_vllm_is_named_and_starts_nothing(
     expected = (rf"vLLM at {dead}/v1/load_lora_adapter did not load LoRA adapter '{NEW}' "
                 r".*\(3 attempts\): ConnectError")
     with pytest.raises(AdapterLoadError, match=expected):
-        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+        pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     assert get_routing(redis_client, "body") is None and ab_test_rows(config) == []
 
 
@@ -244,7 +245,7 @@ def test_a_failing_vllm_opens_its_breaker_and_then_nothing_is_sent(
     """Every external call goes through a breaker: three refused connections open the shared
     ``vllm`` breaker, and the next A/B creation fails at once, naming the circuit, without a
     request, even to a vLLM that would answer. Once the breaker closes, loading works again."""
-    from fine_tuning.breakers import CircuitOpenError, get_breaker
+    from fine_tuning.infra.breakers import CircuitOpenError, get_breaker
 
     trained_adapter(config, NEW)
     live = config.training.selfhosted.serving_base_url
@@ -252,18 +253,18 @@ def test_a_failing_vllm_opens_its_breaker_and_then_nothing_is_sent(
         probe.bind(("127.0.0.1", 0))
         config.training.selfhosted.serving_base_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
     with pytest.raises(AdapterLoadError, match=r"\(3 attempts\): ConnectError"):
-        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+        pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     breaker = get_breaker("vllm", config)
     assert (breaker.snapshot().state, breaker.snapshot().shared) == ("open", True)
 
     config.training.selfhosted.serving_base_url = live
     with pytest.raises(CircuitOpenError, match="circuit 'vllm' open until"):
-        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+        pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     assert vllm.loads == []
     assert get_routing(redis_client, "body") is None and ab_test_rows(config) == []
 
     breaker.reset()  # what the recovery timeout does, without the wait
-    test = ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    test = pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     assert [load["name"] for load in vllm.loads] == [NEW] and len(ab_test_rows(config)) == 1
     assert get_routing(redis_client, "body").candidate_model == f"selfhosted:{NEW}"
     assert test.candidate_model == f"selfhosted:{NEW}"
@@ -276,7 +277,7 @@ def test_the_vllm_api_key_is_sent_and_a_wrong_one_is_a_clear_refusal(
     config.training.selfhosted.serving_api_key = "wrong-key"  # type: ignore[assignment]
     refused = rf"refused to load LoRA adapter '{NEW}' .*HTTP 401: Unauthorized$"
     with pytest.raises(AdapterLoadError, match=refused):
-        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+        pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     assert get_routing(redis_client, "body") is None and ab_test_rows(config) == []
 
 
@@ -295,12 +296,12 @@ def test_deploy_loads_the_adapters_again_after_a_vllm_restart(
     trained_adapter(config, OLD)
     trained_adapter(config, NEW)
     make_champion(config, f"selfhosted:{OLD}")
-    test = ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    test = pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     evaluation = promote(config, test.ab_test_id)
     vllm.restart()
     assert vllm.served_models() == [BASE_MODEL]
 
-    deployment = ab_steps.deploy(config, ctx, evaluation)
+    deployment = pipeline.deploy(config, ctx, evaluation)
 
     assert set(vllm.served_models()) == {BASE_MODEL, OLD, NEW}  # the baseline too: the rollback target
     deploy_loads = vllm.loads[2:]
@@ -314,14 +315,14 @@ def test_deploy_refused_by_vllm_changes_no_routing(
     config: PipelineConfig, ctx: RunContext, vllm: FakeVLLM, redis_client: redis.Redis
 ) -> None:
     new = trained_adapter(config, NEW)
-    test = ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    test = pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     evaluation = promote(config, test.ab_test_id)
     vllm.restart()
     (new / "adapter_config.json").unlink()  # the adapter is gone from the volume vLLM reads
     ab_routing = get_routing(redis_client, "body")
 
     with pytest.raises(AdapterLoadError, match=rf"refused to load LoRA adapter '{NEW}'"):
-        ab_steps.deploy(config, ctx, evaluation)
+        pipeline.deploy(config, ctx, evaluation)
 
     assert get_routing(redis_client, "body") == ab_routing
     with psycopg.connect(config.services.database_url.get_secret_value()) as conn:
@@ -336,9 +337,9 @@ def test_adapters_are_loaded_from_the_path_vllm_sees_and_other_models_are_left_a
     config.training.selfhosted.serving_adapter_root = "/mnt/adapters/"
     seen_by_vllm = f"/mnt/adapters/selfhosted-{NEW}/adapter"
     with pytest.raises(AdapterLoadError, match=f"No adapter found for {seen_by_vllm}"):
-        ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+        pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     assert [load["name"] for load in vllm.loads] == [NEW]  # the baseline, gpt-3.5-turbo-0125, was not sent
 
     config.training.selfhosted.serving_base_url = None  # served by other means (vLLM --lora-modules)
-    test = ab_steps.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
+    test = pipeline.ab_create(config, ctx, registered(f"selfhosted:{NEW}"))
     assert len(vllm.loads) == 1 and get_routing(redis_client, "body").source == test.ab_test_id

@@ -13,7 +13,7 @@ from scipy import stats as sps
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import samplesize_proportions_2indep_onetail
 
-from fine_tuning import stats
+from fine_tuning.evaluate import stats
 
 
 def summary(values: np.ndarray) -> stats.ArmSummary:
@@ -238,7 +238,7 @@ def test_sequential_guardrails_do_not_false_alarm_under_peeking() -> None:
 def test_holm_adjusted_p_values_match_statsmodels() -> None:
     from statsmodels.stats.multitest import multipletests
 
-    from fine_tuning.stats import holm_adjusted
+    from fine_tuning.evaluate.stats import holm_adjusted
 
     rng = np.random.default_rng(7)
     for p_values in ([0.01, 0.04, 0.03, 0.005], [0.5], [0.9, 0.8, 0.95], rng.uniform(0, 0.2, 9).tolist(), [0.02, 0.02]):

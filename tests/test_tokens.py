@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fine_tuning import tokens
+from fine_tuning.collect import tokens
 
 # OpenAI cookbook, "How to count tokens with tiktoken": the API reports 129 prompt tokens for
 # these messages on gpt-3.5-turbo / gpt-4, and 124 on gpt-4o / gpt-4o-mini.
@@ -162,7 +162,7 @@ def test_no_network_and_no_tiktoken_cache(tmp_path: Path) -> None:
         socket.socket.connect_ex = refuse
         socket.create_connection = refuse
         socket.getaddrinfo = refuse
-        from fine_tuning import tokens
+        from fine_tuning.collect import tokens
         models = ("gpt-3.5-turbo", "gpt-4o")
         counts = [len(tokens.encoding_for_model(m).encode("hello world")) for m in models]
         print(json.dumps({"counts": counts, "attempts": attempts}))
@@ -245,7 +245,7 @@ def selfhosted_training(**selfhosted: object) -> object:
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base model directory with only a tokenizer, trained offline on post-like text."""
     pytest.importorskip("transformers")
-    from fine_tuning.providers.tiny_model import build_tiny_tokenizer
+    from fine_tuning.dev.tiny_model import build_tiny_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny-tokenizer")
     sample = directory / "sample.jsonl"
@@ -327,7 +327,7 @@ def test_without_the_transformers_library_the_count_is_approximate(tiny_tokenize
         """
         import json, sys
         sys.modules["transformers"] = None  # as in an image without the package
-        from fine_tuning import tokens
+        from fine_tuning.collect import tokens
         from fine_tuning.config import load_config
         training = load_config(env={}, params={"training_provider": "selfhosted",
                                                "training.selfhosted.base_model_path": sys.argv[1]}).training

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from fine_tuning import steps
+from fine_tuning import pipeline
 from fine_tuning.config import PipelineConfig, load_config
 from fine_tuning.manifests import CollectManifest, RunContext
-from fine_tuning.openai_training import TrainingRefusedError
+from fine_tuning.train.providers import TrainingRefusedError
 
 WINDOW_END = datetime(2026, 11, 22, 2, tzinfo=UTC)
 
@@ -47,7 +47,7 @@ def ctx(request: pytest.FixtureRequest) -> RunContext:
 
 @pytest.fixture
 def collected(config: PipelineConfig, ctx: RunContext) -> CollectManifest:
-    path = write_dataset(steps.run_dir(config, ctx))
+    path = write_dataset(pipeline.run_dir(config, ctx))
     data = path.read_bytes()
     return CollectManifest(
         status="ready",
@@ -71,16 +71,16 @@ def collected(config: PipelineConfig, ctx: RunContext) -> CollectManifest:
 def test_upload_and_train_twice_make_one_file_and_one_job(
     config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
 ) -> None:
-    first = steps.upload(config, ctx, collected)
-    again = steps.upload(config, ctx, collected)
+    first = pipeline.upload(config, ctx, collected)
+    again = pipeline.upload(config, ctx, collected)
     assert again.file_id == first.file_id and again.reused_file and not first.reused_file
-    job = steps.train(config, ctx, first)
-    job_again = steps.train(config, ctx, again)
+    job = pipeline.train(config, ctx, first)
+    job_again = pipeline.train(config, ctx, again)
     assert job_again.job_id == job.job_id and job_again.reused_job
     state = openai_env.state()
     assert len(state["files"]) == 1 and len(state["jobs"]) == 1
     assert state["jobs"][0]["metadata"]["idempotency_key"] == first.idempotency_key
-    result = steps.wait(config, ctx, job)
+    result = pipeline.wait(config, ctx, job)
     assert result.status == "succeeded" and result.fine_tuned_model.startswith("ft:gpt-3.5-turbo-0125")
 
 
@@ -90,8 +90,8 @@ def test_a_lost_reply_is_not_a_second_create(
 ) -> None:
     """The server makes the file/job and answers 502: the retry finds it instead of making another."""
     openai_env.inject_fault(method="POST", path=path, status=502, count=1, after_effect=True)
-    uploaded = steps.upload(config, ctx, collected)
-    steps.train(config, ctx, uploaded)
+    uploaded = pipeline.upload(config, ctx, collected)
+    pipeline.train(config, ctx, uploaded)
     state = openai_env.state()
     assert len(state["files"]) == 1 and len(state["jobs"]) == 1
 
@@ -105,8 +105,8 @@ def test_a_create_that_times_out_but_lands_later_is_not_made_twice(
     waits out the client's timeout before it looks again."""
     config = load_config(params={"services": {"openai_timeout_seconds": 1.0, "openai_max_retries": 2}})
     openai_env.inject_fault(method="POST", path=path, status=None, delay_seconds=1.6, count=1)
-    uploaded = steps.upload(config, ctx, collected)
-    steps.train(config, ctx, uploaded)
+    uploaded = pipeline.upload(config, ctx, collected)
+    pipeline.train(config, ctx, uploaded)
     time.sleep(1.0)  # anything still in flight has landed by now
     state = openai_env.state()
     assert len(state["files"]) == 1 and len(state["jobs"]) == 1
@@ -117,35 +117,35 @@ def test_a_create_that_times_out_but_lands_later_is_not_made_twice(
 def test_rate_limit_with_retry_after_is_retried(
     config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
 ) -> None:
-    uploaded = steps.upload(config, ctx, collected)
+    uploaded = pipeline.upload(config, ctx, collected)
     openai_env.inject_fault(
         method="POST", path="/v1/fine_tuning/jobs", status=429, count=2, retry_after=0.2,
         error_code="rate_limit_exceeded",
     )
-    steps.train(config, ctx, uploaded)
+    pipeline.train(config, ctx, uploaded)
     assert len(openai_env.state()["jobs"]) == 1
 
 
 def test_insufficient_quota_fails_at_once_with_a_plain_message(
     config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
 ) -> None:
-    uploaded = steps.upload(config, ctx, collected)
+    uploaded = pipeline.upload(config, ctx, collected)
     openai_env.inject_fault(
         method="POST", path="/v1/fine_tuning/jobs", status=429, count=5, error_code="insufficient_quota"
     )
     with pytest.raises(TrainingRefusedError, match="insufficient_quota"):
-        steps.train(config, ctx, uploaded)
+        pipeline.train(config, ctx, uploaded)
     assert openai_env.state()["jobs"] == []
 
 
 def test_closed_fine_tuning_says_so(
     config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
 ) -> None:
-    uploaded = steps.upload(config, ctx, collected)
+    uploaded = pipeline.upload(config, ctx, collected)
     openai_env.refuse_jobs(True)
     try:
         with pytest.raises(TrainingRefusedError, match="training.provider"):
-            steps.train(config, ctx, uploaded)
+            pipeline.train(config, ctx, uploaded)
     finally:
         openai_env.refuse_jobs(False)
 
@@ -154,8 +154,8 @@ def test_cost_guard_refuses_before_uploading_and_logs_the_estimate(
     config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env, mlflow_uri: str
 ) -> None:
     config.training.max_training_cost_usd = 0.001
-    with pytest.raises(steps.CostLimitExceeded, match=r"estimated training cost \$0\.0\d+"):
-        steps.upload(config, ctx, collected)
+    with pytest.raises(pipeline.CostLimitExceeded, match=r"estimated training cost \$0\.0\d+"):
+        pipeline.upload(config, ctx, collected)
     assert openai_env.state()["files"] == []
     client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name(config.mlflow.experiment_name)
@@ -169,11 +169,11 @@ def test_cost_guard_refuses_before_uploading_and_logs_the_estimate(
 def test_failed_job_fails_wait_with_openais_message(
     config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
 ) -> None:
-    uploaded = steps.upload(config, ctx, collected)
-    job = steps.train(config, ctx, uploaded)
+    uploaded = pipeline.upload(config, ctx, collected)
+    job = pipeline.train(config, ctx, uploaded)
     openai_env.fail_job(job.job_id, code="server_error", message="The job failed due to an internal error")
     with pytest.raises(Exception, match="internal error"):
-        steps.wait(config, ctx, job)
+        pipeline.wait(config, ctx, job)
     # A cleared train task makes a new job: a failed one is not reused.
-    retried = steps.train(config, ctx, uploaded)
+    retried = pipeline.train(config, ctx, uploaded)
     assert retried.job_id != job.job_id and not retried.reused_job

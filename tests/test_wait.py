@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import io
 import json
@@ -50,6 +51,8 @@ def test_trigger_serializes_ids_not_secrets() -> None:
     module, name = classpath.rsplit(".", 1)
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
     assert rebuilt.serialize() == (classpath, kwargs)
+    # Tasks already deferred were serialized under this path: it must keep resolving.
+    assert classpath == "fine_tuning_airflow.triggers.FineTuningJobTrigger"
     assert "sk-" not in json.dumps(kwargs)
 
 
@@ -57,7 +60,9 @@ async def test_trigger_yields_success_with_the_model(connection: OpenAI) -> None
     job_id = start_job(connection)
     event = await FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__()
     assert event.payload["status"] == "success"
-    assert event.payload["job"]["fine_tuned_model"].startswith("ft:")
+    assert event.payload["provider"] == "openai" and event.payload["job_status"] == "succeeded"
+    assert event.payload["result"]["model_reference"].startswith("ft:")
+    assert event.payload["result"]["model_reference"] == connection.fine_tuning.jobs.retrieve(job_id).fine_tuned_model
 
 
 async def test_trigger_yields_error_for_an_invalid_file(connection: OpenAI) -> None:
@@ -90,15 +95,37 @@ def test_operator_defers_then_completes(connection: OpenAI) -> None:
     job = connection.fine_tuning.jobs.retrieve(job_id)
     while job.status != "succeeded":
         job = connection.fine_tuning.jobs.retrieve(job_id)
+    trigger = deferred.value.trigger
+    event = asyncio.run(trigger.run().__anext__())  # what the triggerer hands back
+    result = operator.execute_complete(context(), event.payload)
+    assert result["fine_tuned_model"] == job.fine_tuned_model and result["status"] == "succeeded"
+    assert result["provider"] == "openai" and result["trained_tokens"] == job.trained_tokens
+
+
+def test_operator_finishes_an_event_of_the_old_schema(connection: OpenAI) -> None:
+    """A task deferred before the providers shared one event schema resumes with OpenAI's job
+    object as ``job``: it still finishes."""
+    job_id = start_job(connection)
+    job = connection.fine_tuning.jobs.retrieve(job_id)
+    while job.status != "succeeded":
+        job = connection.fine_tuning.jobs.retrieve(job_id)
+    operator = WaitForFineTuningJobOperator(task_id="wait", job_id=job_id)
     result = operator.execute_complete(context(), {"status": "success", "job": job.model_dump(mode="json")})
     assert result["fine_tuned_model"] == job.fine_tuned_model and result["status"] == "succeeded"
+
+
+def test_operator_refuses_a_malformed_event() -> None:
+    operator = WaitForFineTuningJobOperator(task_id="wait", job_id="ftjob-x")
+    with pytest.raises(AirflowException, match="malformed trigger event"):
+        operator.execute_complete(context(), {"status": "done", "job_id": "ftjob-x", "message": "?"})
 
 
 def test_operator_fails_with_openais_message() -> None:
     operator = WaitForFineTuningJobOperator(task_id="wait", job_id="ftjob-x")
     with pytest.raises(AirflowException, match="training file has too few examples"):
         operator.execute_complete(
-            context(), {"status": "error", "message": "fine-tuning job ftjob-x failed: training file has too few examples"}
+            context(),
+            {"status": "error", "job_id": "ftjob-x", "message": "fine-tuning job ftjob-x failed: training file has too few examples"},
         )
 
 

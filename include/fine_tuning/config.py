@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
 CONFIG_FILE_ENV = "FINE_TUNING_CONFIG_FILE"
 
@@ -33,30 +37,10 @@ Auto = Literal["auto"]
 
 
 class Hyperparameters(_Section):
-    n_epochs: Auto | int = Field("auto", description="'auto' or 1-50")
-    batch_size: Auto | int = Field("auto", description="'auto' or 1-256")
-    learning_rate_multiplier: Auto | float = "auto"
-
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs_range(cls, value: Auto | int) -> Auto | int:
-        if value != "auto" and not 1 <= value <= 50:
-            raise ValueError(f"n_epochs must be 'auto' or 1-50, got {value!r}")
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_range(cls, value: Auto | int) -> Auto | int:
-        if value != "auto" and not 1 <= value <= 256:
-            raise ValueError(f"batch_size must be 'auto' or 1-256, got {value!r}")
-        return value
-
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _lr_positive(cls, value: Auto | float) -> Auto | float:
-        if value != "auto" and not value > 0:
-            raise ValueError(f"learning_rate_multiplier must be 'auto' or > 0, got {value!r}")
-        return value
+    # OpenAI's bounds, as types: the DAG's params and the REST API read them from here.
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = Field("auto", description="'auto' or 1-50")
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = Field("auto", description="'auto' or 1-256")
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
 
 
 class DataCollectionConfig(_Section):
@@ -115,7 +99,8 @@ class SelfHostedConfig(_Section):
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     base_model_pvc: str = Field("base-models", min_length=1)
     base_model_mount: str = Field("/models", min_length=1)
-    # The trainer image (built from ``Dockerfile.trainer``); None: FINE_TUNING_TRAINER_IMAGE or the step image.
+    # The trainer image (built from ``Dockerfile.trainer``); None: FINE_TUNING_TRAINER_IMAGE, else
+    # the step image.
     trainer_image: str | None = None
     # Token counting at collection uses the base model's own tokenizer and chat template (under
     # base_model_path, applied by ``transformers``; in kubernetes mode the collect pod runs in
@@ -141,7 +126,7 @@ class TrainingConfig(_Section):
     selfhosted: SelfHostedConfig = Field(default_factory=SelfHostedConfig)
     # The OpenAI model to fine-tune (openai, azure_openai). The selfhosted provider trains
     # ``selfhosted.base_model_path`` and counts tokens with its tokenizer: this is not read then.
-    base_model: str = Field("gpt-3.5-turbo-0125", min_length=1)
+    base_model: str = Field("gpt-3.5-turbo-0125", min_length=1, max_length=200)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     suffix: str = Field("weekly", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
     seed: int | None = None
@@ -311,6 +296,10 @@ class CacheConfig(_Section):
     key_prefix: str = Field("fine_tuning:cache", min_length=1)
 
 
+Component = Literal["database", "redis", "mlflow", "openai"]
+DEFAULT_REQUIRED: tuple[Component, ...] = ("database", "mlflow")
+
+
 class MonitoringConfig(_Section):
     """Where the pipeline's StatsD metrics go, and what the health check requires."""
 
@@ -324,9 +313,7 @@ class MonitoringConfig(_Section):
     health_timeout_seconds: float = Field(3.0, gt=0, le=60)
     # Dependencies whose failure makes the check unhealthy (503); the others only degrade it:
     # breakers fall back to per-process state without Redis, OpenAI is guarded by its breaker.
-    required_components: list[Literal["database", "redis", "mlflow", "openai"]] = Field(
-        default_factory=lambda: ["database", "mlflow"]
-    )
+    required_components: list[Component] = Field(default_factory=lambda: list(DEFAULT_REQUIRED))
 
 
 class ServicesConfig(_Section):
@@ -376,34 +363,150 @@ class PipelineConfig(_Section):
         return flat
 
 
-# Flat names accepted from environment variables and DAG run params, and where they go.
+@dataclass(frozen=True)
+class RunParam:
+    """A setting a run may override: where it lives in the config, and what it means."""
+
+    path: tuple[str, ...]
+    description: str
+
+
+# The settings a run overrides, in the order the trigger form shows them. The DAG's ``Param``s
+# and the REST API's start body are made from this and the fields' own types and bounds
+# (``run_param_schemas``, ``run_params_model``): a bound changes in the config field alone.
+RUN_PARAMS: dict[str, RunParam] = {
+    "engagement_threshold": RunParam(
+        ("data_collection", "engagement_threshold"), "Minimum engagement rate of a post."
+    ),
+    "days_back": RunParam(
+        ("data_collection", "days_back"), "Days of posts before the run's data interval end."
+    ),
+    "max_records": RunParam(("data_collection", "max_records"), "Most posts to read."),
+    "training_data_threshold": RunParam(
+        ("data_collection", "training_data_threshold"),
+        "Fewest valid examples to train on; fewer skips the run.",
+    ),
+    "training_provider": RunParam(("training", "provider"), "Where the model is fine-tuned."),
+    "base_model": RunParam(("training", "base_model"), "OpenAI model to fine-tune (openai, azure_openai)."),
+    "n_epochs": RunParam(("training", "hyperparameters", "n_epochs"), "'auto' or 1-50."),
+    "max_training_cost_usd": RunParam(
+        ("training", "max_training_cost_usd"), "Refuse to start a job whose estimated cost is higher."
+    ),
+    "traffic_split": RunParam(
+        ("evaluation", "traffic_split"), "Share of requests the candidate gets during the A/B test."
+    ),
+    "a_b_test_duration_hours": RunParam(("evaluation", "duration_hours"), "Planned A/B test length."),
+    "evaluation_interval_minutes": RunParam(
+        ("evaluation", "evaluation_interval_minutes"), "Minutes between A/B looks."
+    ),
+    "strict_power": RunParam(
+        ("evaluation", "strict_power"), "Refuse an A/B test that cannot detect the lift."
+    ),
+    "deployment_strategy": RunParam(("deployment", "strategy"), "How a promoted candidate is rolled out."),
+}
+
+# Flat names accepted from environment variables and DAG run params, and where they go: the run
+# params, and a few more that only a config file or the CLI's ``--params`` usually sets.
 FLAT_KEYS: dict[str, tuple[str, ...]] = {
-    "training_data_threshold": ("data_collection", "training_data_threshold"),
+    **{name: param.path for name, param in RUN_PARAMS.items()},
     "min_examples": ("data_collection", "training_data_threshold"),
-    "engagement_threshold": ("data_collection", "engagement_threshold"),
-    "days_back": ("data_collection", "days_back"),
     "chunk_size": ("data_collection", "chunk_size"),
-    "max_records": ("data_collection", "max_records"),
-    "base_model": ("training", "base_model"),
-    "training_provider": ("training", "provider"),
-    "n_epochs": ("training", "hyperparameters", "n_epochs"),
     "batch_size": ("training", "hyperparameters", "batch_size"),
     "learning_rate_multiplier": ("training", "hyperparameters", "learning_rate_multiplier"),
     "suffix": ("training", "suffix"),
-    "max_training_cost_usd": ("training", "max_training_cost_usd"),
     "timeout_seconds": ("training", "timeout_seconds"),
     "poll_interval_seconds": ("training", "poll_interval_seconds"),
-    "traffic_split": ("evaluation", "traffic_split"),
-    "a_b_test_duration_hours": ("evaluation", "duration_hours"),
-    "strict_power": ("evaluation", "strict_power"),
-    "evaluation_interval_minutes": ("evaluation", "evaluation_interval_minutes"),
     "evaluation_method": ("evaluation", "method"),
-    "deployment_strategy": ("deployment", "strategy"),
     "weekly_schedule": ("weekly_schedule",),
     "hook_model": ("hook_model",),
     "body_model": ("body_model",),
     "data_dir": ("data_dir",),
 }
+
+
+def config_field(path: tuple[str, ...]) -> FieldInfo:
+    """The pydantic field of ``PipelineConfig`` at a dotted path (``("training", "base_model")``)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in path[:-1]:
+        annotation = model.model_fields[part].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel), path
+        model = annotation
+    return model.model_fields[path[-1]]
+
+
+def _field_type(field: FieldInfo) -> Any:
+    """The field's type with its constraints (``ge``, ``le``, ``max_length``...) attached."""
+    return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+
+
+def _param_description(name: str) -> str:
+    param = RUN_PARAMS[name]
+    default = config_field(param.path).get_default(call_default_factory=True)
+    return f"{param.description} Empty keeps the configured value (default {default})."
+
+
+def _flatten_any_of(schema: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf`` of one branch per JSON type, as one schema with a list of types (what Airflow's
+    trigger form renders as a field): each keyword of a numeric or string branch applies only to
+    that type, and a string constant becomes a ``pattern``. Anything else keeps its ``anyOf``."""
+    branches = schema.get("anyOf")
+    if not branches:
+        return schema
+    flat: dict[str, Any] = {"type": []}
+    # One type besides null: an ``enum`` (a drop-down in the form) is safe, with null in it.
+    typed = [b for b in branches if b.get("type") != "null"]
+    if len(typed) == 1 and "enum" in typed[0] and len(branches) == 2:
+        return {
+            **typed[0],
+            "type": [typed[0].get("type", "string"), "null"],
+            "enum": [*typed[0]["enum"], None],
+        }
+    for branch in branches:
+        kind = branch.get("type")
+        if kind is None and "const" in branch and isinstance(branch["const"], str):
+            kind = "string"
+        if not isinstance(kind, str) or kind in flat["type"]:
+            return schema
+        flat["type"].append(kind)
+        extra = {key: value for key, value in branch.items() if key != "type"}
+        if kind == "string" and ("const" in extra or "enum" in extra):
+            values = [extra.pop("const")] if "const" in extra else extra.pop("enum")
+            extra["pattern"] = "^(" + "|".join(re.escape(str(v)) for v in values) + ")$"
+        if any(key in flat for key in extra):  # two branches constrain the same keyword
+            return schema
+        flat.update(extra)
+    return flat
+
+
+@cache
+def run_param_schemas() -> dict[str, dict[str, Any]]:
+    """Each run param's JSON schema: the config field's type and bounds, ``null`` allowed (empty
+    keeps the configured value). The DAG's ``Param``s are these."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for name, param in RUN_PARAMS.items():
+        # A type built at run time: mypy cannot check it, pydantic does.
+        field_type: Any = _field_type(config_field(param.path))
+        schema = TypeAdapter(Optional[field_type]).json_schema()  # noqa: UP045
+        schema = _flatten_any_of(schema)
+        schema["description"] = _param_description(name)
+        schemas[name] = schema
+    return schemas
+
+
+@cache
+def run_params_model() -> type[BaseModel]:
+    """The run params as a pydantic model (the REST API's start body): every field optional,
+    typed and bounded as in the config, unknown keys refused."""
+    fields: dict[str, Any] = {
+        name: (
+            Optional[_field_type(config_field(param.path))],  # noqa: UP045 - a type made at run time
+            Field(None, description=_param_description(name)),
+        )
+        for name, param in RUN_PARAMS.items()
+    }
+    model: type[BaseModel] = create_model("RunParams", __config__=ConfigDict(extra="forbid"), **fields)
+    return model
+
 
 ENV_KEYS: dict[str, tuple[str, ...]] = {
     "FINE_TUNING_ENABLED": ("fine_tuning_enabled",),

@@ -9,7 +9,7 @@ import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,7 +23,7 @@ class Manifest(BaseModel):
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls: type[M], text: str | bytes | dict) -> M:
+    def from_json(cls, text: str | bytes | dict) -> Self:
         if isinstance(text, dict):
             return cls.model_validate(text)
         return cls.model_validate_json(text)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import redis
+    from redis.typing import EncodableT
 
 KEY = "fine_tuning:routing:{model_type}"
 
@@ -45,7 +46,7 @@ def set_routing(client: redis.Redis, model_type: str, routing: Routing) -> float
     """
     started = time.perf_counter()
     split = routing.as_split()
-    mapping = {
+    mapping: dict[EncodableT, EncodableT] = {
         "baseline": str(split["baseline"]),
         "candidate": str(split["candidate"]),
         "baseline_model": routing.baseline_model,
@@ -64,7 +65,10 @@ def get_routing(client: redis.Redis, model_type: str) -> Routing | None:
     raw = client.hgetall(routing_key(model_type))
     if not raw:
         return None
-    data = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v for k, v in raw.items()}
+    data = {
+        k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+        for k, v in raw.items()
+    }
     return Routing(
         baseline_model=data["baseline_model"],
         candidate_model=data.get("candidate_model") or None,

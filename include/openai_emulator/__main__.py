@@ -17,7 +17,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
     parser.add_argument(
-        "--stage-seconds", type=float, default=1.0,
+        "--stage-seconds",
+        type=float,
+        default=1.0,
         help="seconds each job stage (validating_files, queued, running) lasts; 0 allowed",
     )
     parser.add_argument(
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings(stage_seconds=args.stage_seconds, api_key=args.api_key, refuse_jobs=args.refuse_jobs)
     logging.getLogger("openai_emulator").info(
-        "OpenAI emulator on http://%s:%d/v1 (stage %.3g s, admin at /_emulator)", args.host, args.port,
+        "OpenAI emulator on http://%s:%d/v1 (stage %.3g s, admin at /_emulator)",
+        args.host,
+        args.port,
         args.stage_seconds,
     )
     # uvicorn writes its access log to stdout by default: send every log line to stderr.

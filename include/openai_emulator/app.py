@@ -14,8 +14,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +51,7 @@ def _param_of(loc: Sequence[Any]) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """The first pydantic/FastAPI validation problem as OpenAI's 400."""
     first = errors[0] if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
     param = _param_of(first.get("loc", ()))
@@ -169,8 +169,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
         yield
 
-    app = FastAPI(title="OpenAI emulator", version="1.0", lifespan=lifespan, docs_url="/_emulator/docs",
-                  redoc_url=None, openapi_url="/_emulator/openapi.json")
+    app = FastAPI(
+        title="OpenAI emulator",
+        version="1.0",
+        lifespan=lifespan,
+        docs_url="/_emulator/docs",
+        redoc_url=None,
+        openapi_url="/_emulator/openapi.json",
+    )
     app.state.store = store
     app.state.faults = faults
     app.state.settings = settings
@@ -201,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path = request.url.path
         azure = path.startswith(AZURE_PREFIX + "/")
         if azure:  # served by the /v1 routes: same store, same faults (matched on the /v1 path)
-            path = API_PREFIX + path[len(AZURE_PREFIX):]
+            path = API_PREFIX + path[len(AZURE_PREFIX) :]
             request.scope["path"] = path
             request.scope["raw_path"] = path.encode()
         if not path.startswith(API_PREFIX + "/") and path != API_PREFIX:
@@ -274,7 +280,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _add_files_routes(app: FastAPI, store: Store, settings: Settings) -> None:
     @app.post("/v1/files")
-    async def create_file(file: UploadFile = File(...), purpose: str = Form(...)) -> dict[str, Any]:
+    async def create_file(
+        file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    ) -> dict[str, Any]:
         """Upload a file; fine-tune files must be ``.jsonl`` and at most 512 MB."""
         if purpose not in FILE_PURPOSES:
             raise bad_request(f"'{purpose}' is not one of {list(FILE_PURPOSES)} - 'purpose'", param="purpose")
@@ -345,8 +353,9 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
             pairs[key[len("metadata[") : -1]] = value
         elif key == "metadata":
             if value != "null":
-                raise bad_request("metadata must be sent as metadata[key]=value pairs, or metadata=null.",
-                                  param="metadata")
+                raise bad_request(
+                    "metadata must be sent as metadata[key]=value pairs, or metadata=null.", param="metadata"
+                )
             null = True
     if pairs and null:
         raise bad_request("Do not combine metadata=null with metadata[key]=value filters.", param="metadata")
@@ -362,7 +371,7 @@ def _add_jobs_routes(app: FastAPI, store: Store, settings: Settings) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise validation_error([{"type": "json_invalid", "loc": ()}]) from None
         if store.refuse_jobs:
-            body = JobCreate.model_construct()  # refused before the body is looked at
+            body = JobCreate.model_construct(model="", training_file="")  # refused before it is looked at
         else:
             if not isinstance(raw, dict):
                 raise bad_request("The request body must be a JSON object.")

@@ -53,7 +53,7 @@ class APIError(Exception):
         status: int,
         message: str,
         *,
-        type: str | None = None,  # noqa: A002 - OpenAI's field name
+        type: str | None = None,
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 START_TIMEOUT = 20.0
 STOP_GRACE = 5.0
@@ -83,7 +83,7 @@ class EmulatorProcess:
     def admin_url(self) -> str:
         return f"{self.root_url}/_emulator"
 
-    def start(self) -> EmulatorProcess:
+    def start(self) -> Self:
         """Start the server and wait until it answers; a taken random port is retried."""
         if self.process is not None:
             return self
@@ -106,8 +106,15 @@ class EmulatorProcess:
         self.log_path = Path(log_name)
         self._log_file = os.fdopen(log_fd, "wb")
         command = [
-            sys.executable, "-m", "openai_emulator",
-            "--host", self.host, "--port", str(self.port), "--stage-seconds", repr(float(self.stage_seconds)),
+            sys.executable,
+            "-m",
+            "openai_emulator",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--stage-seconds",
+            repr(float(self.stage_seconds)),
         ]
         if self.api_key is not None:
             command += ["--api-key", self.api_key]
@@ -149,7 +156,7 @@ class EmulatorProcess:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> EmulatorProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -184,7 +191,8 @@ class EmulatorProcess:
     def requests(self, method: str | None = None, path: str | None = None) -> list[dict[str, Any]]:
         """Logged ``/v1`` requests, optionally only those with this method and path."""
         return [
-            r for r in self.state()["requests"]
+            r
+            for r in self.state()["requests"]
             if (method is None or r["method"] == method.upper()) and (path is None or r["path"] == path)
         ]
 

@@ -166,7 +166,7 @@ class Job:
         if self.status not in ACTIVE:
             return None
         stages_left = len(ACTIVE) - ACTIVE.index(self.status)
-        return int(math.ceil(self.status_since + stages_left * stage_seconds))
+        return math.ceil(self.status_since + stages_left * stage_seconds)
 
     def to_api(self, settings: Settings) -> dict[str, Any]:
         """OpenAI's FineTuningJob, with every field the official client's model has."""
@@ -395,7 +395,8 @@ class Store:
         """Events newest first."""
         with self.lock:
             job = self.get_job(job_id)
-            return list(reversed(sorted(job.events, key=lambda e: e.created_at)))
+            # Not sorted(reverse=True): events of one second stay newest (last appended) first.
+            return list(reversed(sorted(job.events, key=lambda e: e.created_at)))  # noqa: C413
 
     def job_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         """Checkpoints newest first (there are some only after success)."""
@@ -506,7 +507,13 @@ class Store:
         self._event(job, at, message, level="error")
 
     def _event(
-        self, job: Job, at: float, message: str, *, level: str = "info", type_: str = "message",
+        self,
+        job: Job,
+        at: float,
+        message: str,
+        *,
+        level: str = "info",
+        type_: str = "message",
         data: dict[str, Any] | None = None,
     ) -> None:
         job.events.append(Event(new_id("ftevent-"), at, level, message, type_, data))
@@ -619,7 +626,7 @@ def _requested_hyperparameters(body: JobCreate) -> dict[str, Any]:
                 "hyperparameters is deprecated: use method only.",
                 param="hyperparameters",
             )
-    merged = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    merged: dict[str, Any] = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     merged.update(legacy)
     merged.update(current)
     param = "method.supervised.hyperparameters" if current else "hyperparameters"

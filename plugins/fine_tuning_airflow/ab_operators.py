@@ -7,8 +7,8 @@ worker and takes well under a second. The sequential test makes frequent looks s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,9 @@ class ABTestEvaluationOperator(BaseOperator):
     template_fields: Sequence[str] = ()
     ui_color = "#eaf7e4"
 
-    def __init__(self, *, ab_task_id: str = "ab_create", openai_conn_id: str = "openai_default", **kwargs: Any) -> None:
+    def __init__(
+        self, *, ab_task_id: str = "ab_create", openai_conn_id: str = "openai_default", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.ab_task_id = ab_task_id
         self.openai_conn_id = openai_conn_id
@@ -45,16 +47,23 @@ class ABTestEvaluationOperator(BaseOperator):
 
     def _look(self, context: Context) -> dict[str, Any] | None:
         from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-        from fine_tuning.manifests import ABTestManifest
-        from fine_tuning.steps import run_step
+
+        from fine_tuning.manifests import ABTestManifest, EvaluationManifest
+        from fine_tuning.pipeline import run_step
 
         config = resolve_config(context, self.openai_conn_id)
         test = ABTestManifest.from_json(context["ti"].xcom_pull(task_ids=self.ab_task_id))
         while True:
-            manifest = run_step("evaluate", config, run_context(context), {"ab-create": test.model_dump(mode="json")})
+            manifest = run_step(
+                "evaluate", config, run_context(context), {"ab-create": test.model_dump(mode="json")}
+            )
+            assert isinstance(manifest, EvaluationManifest)  # the evaluate step's
             if manifest.final:
                 self.log.info(
-                    "A/B test %s decided %s after %d looks", test.ab_test_id, manifest.decision, manifest.looks
+                    "A/B test %s decided %s after %d looks",
+                    test.ab_test_id,
+                    manifest.decision,
+                    manifest.looks,
                 )
                 return manifest.model_dump(mode="json")
             now = datetime.now(UTC)
@@ -63,7 +72,11 @@ class ABTestEvaluationOperator(BaseOperator):
             next_look = min(next_look, max(test.planned_end_at, now) + timedelta(seconds=1))
             self.log.info(
                 "A/B test %s: %s after look %d (lift %s); next look at %s",
-                test.ab_test_id, manifest.decision, manifest.looks, manifest.relative_lift, next_look.isoformat(),
+                test.ab_test_id,
+                manifest.decision,
+                manifest.looks,
+                manifest.relative_lift,
+                next_look.isoformat(),
             )
             wait = (next_look - now).total_seconds()
             if wait >= MIN_DEFERRAL_SECONDS:

@@ -4,7 +4,7 @@ When a breaker is open the task fails fast with ``circuit 'openai' open until 14
 and goes ``up_for_retry`` with a retry delay no shorter than the breaker's remaining open time
 (Airflow 3.3's pluggable ``retry_policy`` carries the delay to the scheduler), so the retry is
 not spent against a circuit that is still open. The outcome of each external call is recorded
-by the library's breakers themselves (``fine_tuning.breakers``), once per call; this base adds
+by the library's breakers themselves (``fine_tuning.infra.breakers``), once per call; this base adds
 what only the task knows: the check before work and the delay after.
 """
 
@@ -19,13 +19,14 @@ from airflow.sdk.definitions.retry_policy import RetryDecision, RetryPolicy
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-    from fine_tuning.breakers import CircuitOpenError
+
     from fine_tuning.config import PipelineConfig
+    from fine_tuning.infra.breakers import CircuitOpenError
 
 
 def find_circuit_open(exc: BaseException | None) -> CircuitOpenError | None:
     """The ``CircuitOpenError`` in ``exc``'s cause/context chain, if any."""
-    from fine_tuning.breakers import CircuitOpenError
+    from fine_tuning.infra.breakers import CircuitOpenError
 
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -97,7 +98,8 @@ class CircuitBreakerOperator(BaseOperator):
         if not isinstance(self.retry_policy, CircuitOpenRetryPolicy):
             self.retry_policy = CircuitOpenRetryPolicy(min_delay=self.retry_delay, fallback=self.retry_policy)
 
-    def breakers_for_task(self) -> Sequence[str]:
+    def breakers_for_task(self, config: PipelineConfig) -> Sequence[str]:
+        """The breakers this task's calls go through, for this run's config."""
         return self.breaker_names
 
     def pipeline_config(self, context: Context) -> PipelineConfig:
@@ -108,17 +110,17 @@ class CircuitBreakerOperator(BaseOperator):
 
     def check_breakers(self, config: PipelineConfig) -> None:
         """Raise ``CircuitOpenError`` ("circuit ... open until HH:MM:SS UTC") if one is open."""
-        from fine_tuning.breakers import CircuitOpenError, get_breaker
+        from fine_tuning.infra.breakers import CircuitOpenError, get_breaker
 
-        for name in self.breakers_for_task():
-            if name == "openai" and config.training.provider == "selfhosted":
-                continue  # self-hosted training never calls OpenAI: its outage must not stop it
+        for name in self.breakers_for_task(config):
             snapshot = get_breaker(name, config).snapshot()
             if snapshot.state == "open" and snapshot.opened_until is not None:
                 from datetime import UTC, datetime
 
                 remaining = (snapshot.opened_until - datetime.now(UTC)).total_seconds()
-                error = CircuitOpenError(name, "open", snapshot.opened_until, remaining, snapshot.failure_count)
+                error = CircuitOpenError(
+                    name, "open", snapshot.opened_until, remaining, snapshot.failure_count
+                )
                 self.log.warning("%s; retrying in %s", error, retry_delay_for(error, self.retry_delay))
                 raise error
 
@@ -134,14 +136,16 @@ class CircuitBreakerOperator(BaseOperator):
         raise NotImplementedError
 
     def _log_breakers(self, config: PipelineConfig) -> None:
-        from fine_tuning.breakers import get_breaker
+        from fine_tuning.infra.breakers import get_breaker
 
-        for name in self.breakers_for_task():
-            if name == "openai" and config.training.provider == "selfhosted":
-                continue  # self-hosted training never calls OpenAI: its outage must not stop it
+        for name in self.breakers_for_task(config):
             snapshot = get_breaker(name, config).snapshot()
             self.log.info(
                 "breaker %s: %s, %d consecutive failures, %d/%d failed in the window%s",
-                name, snapshot.state, snapshot.failure_count, snapshot.window_failures, snapshot.window_calls,
+                name,
+                snapshot.state,
+                snapshot.failure_count,
+                snapshot.window_failures,
+                snapshot.window_calls,
                 "" if snapshot.shared else " (per-process state: Redis unreachable)",
             )

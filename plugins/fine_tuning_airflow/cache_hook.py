@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from airflow.sdk import BaseHook
 
 if TYPE_CHECKING:
-    from fine_tuning.cache import CacheStats, MetricsCache
     from fine_tuning.config import PipelineConfig
+    from fine_tuning.infra.cache import CacheStats, MetricsCache
 
 T = TypeVar("T")
 
@@ -57,7 +57,9 @@ class CachedMetricsHook(BaseHook):
     def _services(self) -> Any:
         from fine_tuning_airflow.hooks import ServiceConnectionsHook
 
-        return ServiceConnectionsHook(postgres_conn_id=self.postgres_conn_id, redis_conn_id=self.redis_conn_id)
+        return ServiceConnectionsHook(
+            postgres_conn_id=self.postgres_conn_id, redis_conn_id=self.redis_conn_id
+        )
 
     def database_url(self) -> str:
         url = self._services().database_url()
@@ -69,12 +71,13 @@ class CachedMetricsHook(BaseHook):
 
     def get_cache(self) -> MetricsCache:
         """The cache (its counters live in Redis and in the process, not in the hook)."""
-        from fine_tuning.cache import MetricsCache
 
         config = self.config
         return _cache_for(
-            self.redis_url() if config.cache.enabled else None, config.cache.ttl_seconds,
-            config.cache.key_prefix, config.breakers.redis_retry_seconds,
+            self.redis_url() if config.cache.enabled else None,
+            config.cache.ttl_seconds,
+            config.cache.key_prefix,
+            config.breakers.redis_retry_seconds,
         )
 
     def get_metrics(self, name: str, compute: Callable[[], T], ttl_seconds: int | None = None) -> T:
@@ -82,12 +85,16 @@ class CachedMetricsHook(BaseHook):
         return self.get_cache().get_or_compute(name, compute, ttl_seconds)
 
     def get_records(
-        self, sql: str, parameters: Sequence[Any] | Mapping[str, Any] | None = None, ttl_seconds: int | None = None
+        self,
+        sql: str,
+        parameters: Sequence[Any] | Mapping[str, Any] | None = None,
+        ttl_seconds: int | None = None,
     ) -> list[dict[str, Any]]:
         """Rows of a (read-only, aggregate) query as dicts, cached by the query and its parameters."""
         import psycopg
-        from fine_tuning.cache import MetricsCache
         from psycopg.rows import dict_row
+
+        from fine_tuning.infra.cache import MetricsCache
 
         def run_query() -> list[dict[str, Any]]:
             with psycopg.connect(self.database_url(), row_factory=dict_row) as conn:
@@ -105,18 +112,20 @@ _CACHES: dict[tuple[str | None, int, str], Any] = {}
 
 
 def _cache_for(url: str | None, ttl: int, prefix: str, retry_seconds: float) -> MetricsCache:
-    from fine_tuning.cache import MetricsCache
+    from fine_tuning.infra.cache import MetricsCache
 
     key = (url, ttl, prefix)
     cache = _CACHES.get(key)
     if cache is None:
         on_lookup = None
         try:
-            from fine_tuning import metrics
+            from fine_tuning.infra import metrics
 
             emitter = metrics.get_metrics()
             on_lookup = emitter.cache_lookup
-        except Exception:  # metrics not configured or not importable: count in Redis only
+        except Exception:  # noqa: BLE001 - metrics not configured: count in Redis only
             on_lookup = None
-        cache = _CACHES[key] = MetricsCache(url, ttl, prefix, redis_retry_seconds=retry_seconds, on_lookup=on_lookup)
+        cache = _CACHES[key] = MetricsCache(
+            url, ttl, prefix, redis_retry_seconds=retry_seconds, on_lookup=on_lookup
+        )
     return cache

@@ -9,7 +9,6 @@ from airflow.sdk import BaseHook
 
 if TYPE_CHECKING:
     from fine_tuning.config import PipelineConfig
-    from openai import AsyncOpenAI
 
 
 class OpenAIFineTuningHook(BaseHook):
@@ -29,7 +28,8 @@ class OpenAIFineTuningHook(BaseHook):
         self.openai_conn_id = openai_conn_id
 
     @staticmethod
-    def _from_connection(conn: Any | None) -> tuple[str | None, str | None]:
+    def from_connection(conn: Any | None) -> tuple[str | None, str | None]:
+        """The key and URL from a connection (or None), else from the environment."""
         api_key = (conn.password if conn else None) or os.environ.get("OPENAI_API_KEY")
         base_url = (conn.host if conn else None) or os.environ.get("OPENAI_BASE_URL")
         return api_key, base_url
@@ -41,7 +41,7 @@ class OpenAIFineTuningHook(BaseHook):
             conn = self.get_connection(self.openai_conn_id)
         except AirflowNotFoundException:
             conn = None
-        return self._from_connection(conn)
+        return self.from_connection(conn)
 
     async def acredentials(self) -> tuple[str | None, str | None]:
         from airflow.sdk.exceptions import AirflowNotFoundException
@@ -50,13 +50,21 @@ class OpenAIFineTuningHook(BaseHook):
             conn = await self.aget_connection(self.openai_conn_id)
         except AirflowNotFoundException:
             conn = None
-        return self._from_connection(conn)
+        return self.from_connection(conn)
 
     def apply_to(self, config: PipelineConfig) -> PipelineConfig:
         """The config with the connection's key and URL in place of the environment's."""
+        return self.with_credentials(config, *self.credentials())
+
+    async def aapply_to(self, config: PipelineConfig) -> PipelineConfig:
+        """:meth:`apply_to` for the triggerer: the connection is looked up without blocking."""
+        return self.with_credentials(config, *await self.acredentials())
+
+    @staticmethod
+    def with_credentials(config: PipelineConfig, api_key: str | None, base_url: str | None) -> PipelineConfig:
+        """The config with this key and URL where they are set; the config's own otherwise."""
         from pydantic import SecretStr
 
-        api_key, base_url = self.credentials()
         services = config.services.model_copy(
             update={
                 "openai_api_key": SecretStr(api_key) if api_key else config.services.openai_api_key,
@@ -64,16 +72,6 @@ class OpenAIFineTuningHook(BaseHook):
             }
         )
         return config.model_copy(update={"services": services})
-
-    async def aget_client(self, timeout: float = 30.0, max_retries: int = 3) -> AsyncOpenAI:
-        from openai import AsyncOpenAI
-
-        api_key, base_url = await self.acredentials()
-        if not api_key:
-            raise ValueError(
-                f"no OpenAI API key: set the password of connection {self.openai_conn_id!r} or OPENAI_API_KEY"
-            )
-        return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
 
 def connection_url(conn: Any, scheme: str) -> str:
@@ -86,13 +84,19 @@ def connection_url(conn: Any, scheme: str) -> str:
 
     auth = ""
     if conn.login or conn.password:
-        auth = quote(conn.login or "", safe="") + (f":{quote(conn.password, safe='')}" if conn.password else "") + "@"
+        auth = (
+            quote(conn.login or "", safe="")
+            + (f":{quote(conn.password, safe='')}" if conn.password else "")
+            + "@"
+        )
     port = f":{conn.port}" if conn.port else ""
     extras = conn.extra_dejson or {}
     if scheme == "redis":
         return f"redis://{auth}{conn.host or '127.0.0.1'}{port}/{extras.get('db', conn.schema or 0)}"
     query = urlencode({k: v for k, v in extras.items() if isinstance(v, str | int | float)})
-    return f"{scheme}://{auth}{conn.host or '127.0.0.1'}{port}/{conn.schema or ''}" + (f"?{query}" if query else "")
+    return f"{scheme}://{auth}{conn.host or '127.0.0.1'}{port}/{conn.schema or ''}" + (
+        f"?{query}" if query else ""
+    )
 
 
 class ServiceConnectionsHook(BaseHook):

@@ -18,6 +18,7 @@ from fine_tuning_airflow.breaker_operator import CircuitBreakerOperator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
     from fine_tuning.config import PipelineConfig
     from fine_tuning.manifests import RunContext
 
@@ -39,10 +40,9 @@ def resolve_config(context: Context, openai_conn_id: str) -> PipelineConfig:
     """Defaults < config file < environment < this run's params, then the Airflow connections
     (OpenAI's key and URL; the posts database, Redis and MLflow where those connections exist)."""
     from fine_tuning.config import load_config
-
     from fine_tuning_airflow.hooks import OpenAIFineTuningHook, ServiceConnectionsHook
 
-    params = {k: v for k, v in dict(context["params"]).items()}
+    params = dict(context["params"])
     config = ServiceConnectionsHook().apply_to(load_config(params=params))
     return OpenAIFineTuningHook(openai_conn_id).apply_to(config)
 
@@ -50,18 +50,29 @@ def resolve_config(context: Context, openai_conn_id: str) -> PipelineConfig:
 def _fail_fast(exc: BaseException) -> BaseException:
     """Errors a retry cannot fix fail the task at once instead of burning its retries."""
     from airflow.sdk.exceptions import AirflowFailException
+
     from fine_tuning.config import ConfigError
-    from fine_tuning.openai_training import TrainingRefusedError
-    from fine_tuning.steps import CostLimitExceeded
+    from fine_tuning.pipeline import CostLimitExceeded
+    from fine_tuning.train.providers import TrainingRefusedError
 
     if isinstance(exc, ConfigError | CostLimitExceeded | TrainingRefusedError):
         return AirflowFailException(str(exc))
     return exc
 
 
-# The breakers a step checks before it starts (and fails fast on, retrying after the open time).
-# ``register`` checks none: while MLflow is down it queues the registration and succeeds.
-STEP_BREAKERS: dict[str, tuple[str, ...]] = {"upload": ("openai",), "train": ("openai",)}
+# The steps that call the training provider: they check its breaker before they start (and
+# fail fast on it, retrying after the open time). ``register`` checks none: while MLflow is
+# down it queues the registration and succeeds.
+PROVIDER_STEPS = frozenset({"upload", "train"})
+
+
+def _provider_breakers(config: PipelineConfig, provider: str | None = None) -> tuple[str, ...]:
+    """The breaker of the provider that trains this run (none for self-hosted training: an
+    OpenAI outage must not stop it)."""
+    from fine_tuning.train.providers import provider_class
+
+    breaker = provider_class(provider or config.training.provider).breaker
+    return (breaker,) if breaker else ()
 
 
 class FineTuningStepOperator(CircuitBreakerOperator):
@@ -80,16 +91,17 @@ class FineTuningStepOperator(CircuitBreakerOperator):
         self.step = step
         self.openai_conn_id = openai_conn_id
 
-    def breakers_for_task(self) -> Sequence[str]:
-        return STEP_BREAKERS.get(self.step, ())
+    def breakers_for_task(self, config: PipelineConfig) -> Sequence[str]:
+        return _provider_breakers(config) if self.step in PROVIDER_STEPS else ()
 
     def pipeline_config(self, context: Context) -> PipelineConfig:
         return resolve_config(context, self.openai_conn_id)
 
     def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
-        from fine_tuning.ab_steps import CandidateRejected
-        from fine_tuning.steps import STEP_INPUTS, InsufficientDataError, run_step, task_id
+
+        from fine_tuning.pipeline import CandidateRejected, InsufficientDataError, run_step
+        from fine_tuning.step_graph import STEP_INPUTS, task_id
 
         inputs = {name: context["ti"].xcom_pull(task_ids=task_id(name)) for name in STEP_INPUTS[self.step]}
         try:
@@ -107,11 +119,9 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
     """Wait for the fine-tuning job without holding a worker: defer to :class:`FineTuningJobTrigger`.
 
     Succeeds with the job's result (fine-tuned model id, trained tokens) as XCom; fails with
-    OpenAI's error message when the job fails or is cancelled. ``on_kill`` cancels the job.
-    Checks the ``openai`` breaker first; the trigger waits out an open breaker between polls.
+    the provider's error message when the job fails or is cancelled. ``on_kill`` cancels the
+    job. Checks the provider's breaker first; the trigger waits out an open breaker between polls.
     """
-
-    breaker_names = ("openai",)
 
     template_fields: Sequence[str] = ("job_id", "provider")
     ui_color = "#fff3d6"
@@ -133,27 +143,23 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
     def pipeline_config(self, context: Context) -> PipelineConfig:
         return resolve_config(context, self.openai_conn_id)
 
-    def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any] | None:
-        from fine_tuning.openai_training import TERMINAL_STATES, retrieve_job
-        from fine_tuning.providers import get_provider
+    def breakers_for_task(self, config: PipelineConfig) -> Sequence[str]:
+        return _provider_breakers(config, self.provider)
 
+    def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any] | None:
+        from fine_tuning.train.providers import get_provider
         from fine_tuning_airflow.triggers import FineTuningJobTrigger, trigger_config
 
-        provider_name = self.provider or config.training.provider
-        if provider_name == "openai":
-            job = retrieve_job(config, self.job_id)
-            if job.status in TERMINAL_STATES:  # a retry after the job ended needs no trigger
-                return self._finish(context, job.model_dump(mode="json"))
-        else:
-            status = get_provider(config, provider_name).status(self.job_id)
-            if status.terminal:
-                return self._finish_status(context, provider_name, status.as_dict())
+        provider = get_provider(config, self.provider)
+        status = provider.status(self.job_id)
+        if status.terminal:  # a retry after the job ended needs no trigger
+            return self._finish(context, config, provider.name, status.as_dict())
         self.defer(
             trigger=FineTuningJobTrigger(
                 job_id=self.job_id,
                 openai_conn_id=self.openai_conn_id,
                 poll_interval=config.training.poll_interval_seconds,
-                provider=provider_name,
+                provider=provider.name,
                 config=trigger_config(config),
             ),
             method_name="execute_complete",
@@ -162,44 +168,40 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
         return None
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resume with the trigger's event, checked against its schema: a job that ended is
+        finished as every path finishes it; anything else fails with the event's message."""
+        from airflow.sdk.exceptions import AirflowException
+        from pydantic import ValidationError
+
+        from fine_tuning_airflow.triggers import JobEvent
+
+        try:
+            checked = JobEvent.model_validate(event)
+        except ValidationError as exc:
+            raise AirflowException(
+                f"fine-tuning job {self.job_id}: malformed trigger event {event!r}: {exc}"
+            ) from None
+        if checked.result is None:
+            raise AirflowException(checked.message)
+        config = resolve_config(context, self.openai_conn_id)
+        return self._finish(context, config, checked.provider or self.provider, checked.result)
+
+    def _finish(
+        self, context: Context, config: PipelineConfig, provider_name: str | None, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The job's terminal status as the wait's manifest (``JobStatus.as_dict()``): its metric,
+        ``wait.json`` beside the other manifests, and a failure raised with the provider's error."""
         from airflow.sdk.exceptions import AirflowException
 
-        if event.get("status") == "success" and "result" in event:  # a provider other than OpenAI
-            return self._finish_status(context, event["provider"], event["result"])
-        if event.get("status") != "success" or "job" not in event:
-            raise AirflowException(event.get("message") or f"fine-tuning job {self.job_id}: {event}")
-        return self._finish(context, event["job"])
+        from fine_tuning.infra.metrics import get_metrics
+        from fine_tuning.manifests import write_manifest
+        from fine_tuning.pipeline import run_dir
+        from fine_tuning.train.providers import JobStatus, get_provider
 
-    def _finish_status(self, context: Context, provider_name: str, status: dict[str, Any]) -> dict[str, Any]:
-        """The manifest of a provider-neutral terminal status (``JobStatus.as_dict()``)."""
-        from fine_tuning import steps
-        from fine_tuning.providers import JobStatus, get_provider
-
-        config = resolve_config(context, self.openai_conn_id)
-        job_status = JobStatus.from_dict(status)
-        provider = get_provider(config, provider_name)
-        result = steps.status_result(provider_name, job_status, provider.model_reference(job_status))
-        return self._write_result(context, config, result)
-
-    def _finish(self, context: Context, job: dict[str, Any]) -> dict[str, Any]:
-        from fine_tuning import steps
-        from openai.types.fine_tuning import FineTuningJob
-
-        result = steps.job_result(FineTuningJob.model_validate(job))
-        config = resolve_config(context, self.openai_conn_id)
-        return self._write_result(context, config, result)
-
-    def _write_result(self, context: Context, config: PipelineConfig, result: Any) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowException
-        from fine_tuning import steps
-
-        from fine_tuning.metrics import get_metrics
-
+        result = get_provider(config, provider_name).result(JobStatus.from_dict(status))
         get_metrics(config).training_job_finished(result)
-        directory = steps.run_dir(config, run_context(context))
+        directory = run_dir(config, run_context(context))
         if directory.exists():  # local mode: keep the manifest beside the others
-            from fine_tuning.manifests import write_manifest
-
             write_manifest(result, directory / "wait.json")
         if result.status != "succeeded":
             raise AirflowException(result.error)
@@ -208,8 +210,7 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
 
     def on_kill(self) -> None:
         from fine_tuning.config import load_config
-        from fine_tuning.providers import get_provider
-
+        from fine_tuning.train.providers import get_provider
         from fine_tuning_airflow.hooks import OpenAIFineTuningHook
 
         config = OpenAIFineTuningHook(self.openai_conn_id).apply_to(load_config())
@@ -230,6 +231,6 @@ def fine_tuning_step(step: str, *, mode: str | None = None, **kwargs: Any) -> Ba
         from fine_tuning_airflow.pods import step_pod
 
         return step_pod(step, **kwargs)
-    from fine_tuning.steps import task_id
+    from fine_tuning.step_graph import task_id
 
     return FineTuningStepOperator(task_id=task_id(step), step=step, **kwargs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fine_tuning.steps import EXIT_SKIPPED
+from fine_tuning.step_graph import EXIT_SKIPPED
 
 # Where the data volume is mounted when the parsing component does not say (FINE_TUNING_DATA_DIR).
 DATA_MOUNT = "/data/fine_tuning"
@@ -35,11 +35,9 @@ def pod_settings() -> dict[str, str]:
     }
 
 
-
-
 def step_arguments(step: str) -> list[str]:
     """The CLI's arguments, templated with the run's ids, window and upstream manifests."""
-    from fine_tuning.steps import STEP_INPUTS, task_id
+    from fine_tuning.step_graph import STEP_INPUTS, task_id
 
     arguments = [
         step,
@@ -55,7 +53,10 @@ def step_arguments(step: str) -> list[str]:
         "/airflow/xcom/return.json",
     ]
     for upstream in STEP_INPUTS[step]:
-        arguments += ["--input", f"{upstream}={{{{ ti.xcom_pull(task_ids='{task_id(upstream)}') | tojson }}}}"]
+        arguments += [
+            "--input",
+            f"{upstream}={{{{ ti.xcom_pull(task_ids='{task_id(upstream)}') | tojson }}}}",
+        ]
     return arguments
 
 
@@ -88,7 +89,9 @@ def _base_model_overrides(settings: Any, image: str) -> dict[str, Any]:
                 ),
             )
         ],
-        "volume_mounts": [k8s.V1VolumeMount(name="base-model", mount_path=settings.base_model_mount, read_only=True)],
+        "volume_mounts": [
+            k8s.V1VolumeMount(name="base-model", mount_path=settings.base_model_mount, read_only=True)
+        ],
         "env_vars": {"HF_HUB_OFFLINE": "1"},
     }
 
@@ -132,7 +135,7 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     settings = pod_settings()
-    from fine_tuning.steps import task_id
+    from fine_tuning.step_graph import task_id
 
     if not settings["data_dir"].startswith("/"):
         raise ValueError(
@@ -141,10 +144,7 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
         )
 
     selfhosted = selfhosted_training() if step in SELFHOSTED_OVERRIDES else None
-    if selfhosted is not None:
-        overrides = SELFHOSTED_OVERRIDES[step](selfhosted, settings["image"])
-    else:
-        overrides = {}
+    overrides = SELFHOSTED_OVERRIDES[step](selfhosted, settings["image"]) if selfhosted is not None else {}
     # The selfhosted pods add to the common pod: they keep the data and config volumes.
     for name in ("node_selector", "tolerations"):
         if overrides.get(name) is not None:
@@ -179,7 +179,9 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
         volumes=[
             k8s.V1Volume(
                 name="data",
-                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings["data_pvc"]),
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                    claim_name=settings["data_pvc"]
+                ),
             ),
             k8s.V1Volume(name="config", config_map=k8s.V1ConfigMapVolumeSource(name=settings["config_map"])),
             *overrides.get("volumes", []),

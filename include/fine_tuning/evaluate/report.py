@@ -1,0 +1,127 @@
+"""An A/B test's metrics report, as the REST API serves it: per-arm metrics from SQL, how the
+candidate compares, and a read-only analysis (the decisions are the evaluation DAG's), cached in
+Redis for ``evaluation.metrics_cache_ttl_seconds``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fine_tuning import clock
+from fine_tuning.config import PipelineConfig
+from fine_tuning.evaluate import ab, stats
+from fine_tuning.infra.cache import MetricsCache
+
+
+@dataclass(frozen=True)
+class MetricsReport:
+    """One read of a test's metrics; ``cached`` says whether the body came from the cache."""
+
+    ab_test_id: str
+    status: str
+    duration_hours: float
+    metrics: dict[str, dict[str, Any]]
+    performance_comparison: dict[str, float | None]
+    statistical_analysis: dict[str, Any]
+    recommendation: str
+    cached: bool
+
+
+def relative_change(
+    candidate: float | None, baseline: float | None, lower_is_better: bool = False
+) -> float | None:
+    """The candidate's change over the baseline as a share (positive: better); None without both."""
+    if candidate is None or not baseline:
+        return None
+    change = candidate / baseline - 1
+    return round(-change if lower_is_better else change, 6)
+
+
+def compute_metrics(config: PipelineConfig, test: dict[str, Any], until: datetime) -> dict[str, Any]:
+    """Per-arm metrics, their comparison and a read-only analysis of the test's posts up to ``until``
+    (uncached: one aggregate query and the statistics)."""
+    aggregates = ab.arm_aggregates(
+        config.services.database_url.get_secret_value(),
+        test["baseline_model"],
+        test["candidate_model"],
+        test["started_at"],
+        until,
+    )
+    arms = ab.summaries(aggregates)
+    b, c = arms["baseline"], arms["candidate"]
+    comparison = {
+        "engagement_lift": relative_change(c["engagement_rate"], b["engagement_rate"]),
+        "cost_efficiency_gain": relative_change(
+            c["cost_per_token"], b["cost_per_token"], lower_is_better=True
+        ),
+        "quality_improvement": relative_change(c["quality_score"], b["quality_score"]),
+        "latency_improvement": relative_change(
+            c["response_time_ms"], b["response_time_ms"], lower_is_better=True
+        ),
+    }
+    analysis: dict[str, Any]
+    try:
+        if aggregates["baseline"]["eng_n"] < 2 or aggregates["candidate"]["eng_n"] < 2:
+            raise stats.AnalysisInputError("fewer than 2 scored posts in an arm")
+        result = ab.analyze_aggregates(
+            aggregates,
+            test["traffic_split"],
+            test["success_criteria"],
+            test["min_sequential_p"],
+            finished=until >= test["planned_end_at"],
+        )
+        alpha = test["success_criteria"].get("significance_threshold", 0.05)
+        analysis = {
+            "is_significant": result.p_value < alpha,
+            "confidence_level": 1 - alpha,
+            "method": result.method,
+            "p_value": result.p_value,
+            "relative_lift": result.relative_lift,
+            "ci_lower": result.ci_lower,
+            "ci_upper": result.ci_upper,
+            "srm_p_value": result.srm_p_value,
+            "srm_ok": result.srm_ok,
+            "decision": result.decision,
+        }
+    except stats.AnalysisInputError as exc:
+        analysis = {"is_significant": False, "decision": "continue", "note": str(exc)}
+    return {"metrics": arms, "performance_comparison": comparison, "statistical_analysis": analysis}
+
+
+def metrics_report(config: PipelineConfig, ab_test_id: str, now: datetime | None = None) -> MetricsReport:
+    """The test's metrics up to ``now`` (default: the pipeline's clock), or to its end once it ended.
+
+    :raises ab.UnknownABTest: no test with this id.
+    """
+    test = ab.get_ab_test(config, ab_test_id)
+    now = now or clock.now_utc()
+    until = min(now, test["ended_at"]) if test["ended_at"] else now
+    computed = False
+
+    def compute() -> dict[str, Any]:
+        nonlocal computed
+        computed = True
+        return compute_metrics(config, test, until)
+
+    ttl = config.evaluation.metrics_cache_ttl_seconds
+    if ttl > 0:
+        # The key holds the test's status: a decision made since the last read is never hidden.
+        cache = MetricsCache.from_config(config)
+        body = cache.get_or_compute(f"ab_metrics:{ab_test_id}:{test['status']}:{test['looks']}", compute, ttl)
+    else:
+        body = compute()
+    running = test["status"] == "running"
+    return MetricsReport(
+        ab_test_id=ab_test_id,
+        status=test["status"],
+        duration_hours=round((until - test["started_at"]).total_seconds() / 3600, 3),
+        metrics=body["metrics"],
+        performance_comparison=body["performance_comparison"],
+        statistical_analysis=body["statistical_analysis"],
+        recommendation=body["statistical_analysis"].get("decision", "continue")
+        if running
+        else test["status"],
+        cached=not computed,
+    )

@@ -1,0 +1,533 @@
+"""The A/B test's statistics, from per-arm aggregates (n, mean, variance) computed in SQL.
+
+SciPy and statsmodels do the tests (Welch, chi-square, proportions, Holm, power). Two pieces
+have no maintained library and are written here from their published formulas:
+
+* the delta-method variance of a relative lift and of a ratio metric (a two-line formula);
+* the sequential test: a normal-mixture sequential probability ratio test (mSPRT, Johari et al.
+  2017; Robbins 1970) and its confidence sequence (Howard et al. 2021). ``confseq`` implements
+  it but ships only as a C++ source package last released in 2023, and statsmodels has none.
+  The mixture likelihood ratio is a test martingale under H0, so by Ville's inequality its
+  running maximum exceeds 1/alpha with probability at most alpha: looking every hour does not
+  inflate false positives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Decision = Literal["promote", "reject", "continue"]
+
+
+class AnalysisInputError(ValueError):
+    """An aggregate cannot be analysed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """One arm's sample: size, mean and sample variance (ddof=1) of a per-post metric."""
+
+    n: int
+    mean: float
+    variance: float
+
+    def check(self, name: str) -> ArmSummary:
+        if not isinstance(self.n, int | float) or self.n <= 1:
+            raise AnalysisInputError(f"{name}.n must be > 1, got {self.n!r}")
+        if not math.isfinite(self.mean):
+            raise AnalysisInputError(f"{name}.mean must be a finite number, got {self.mean!r}")
+        if not math.isfinite(self.variance) or self.variance < 0:
+            raise AnalysisInputError(f"{name}.variance must be >= 0, got {self.variance!r}")
+        return self
+
+    @classmethod
+    def from_sums(cls, n: int, total: float, total_sq: float) -> ArmSummary:
+        """From SQL's count, sum and sum of squares (clamped: rounding can go a hair below 0)."""
+        mean = total / n if n else 0.0
+        variance = max(total_sq - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+        return cls(int(n), mean, variance)
+
+
+@dataclass(frozen=True)
+class RatioSums:
+    """Per-arm sums for a ratio metric (total cost / total tokens), per post as the unit."""
+
+    n: int
+    num: float
+    den: float
+    num_sq: float
+    den_sq: float
+    num_den: float
+
+
+@dataclass
+class Estimate:
+    value: float
+    ci_lower: float
+    ci_upper: float
+    std_error: float
+
+
+@dataclass
+class Guardrail:
+    name: str
+    baseline: float
+    candidate: float
+    margin: float
+    p_non_inferior: float
+    p_harm: float
+    # How much worse the candidate is (positive = worse) and its standard error: what the
+    # sequential versions of both tests are computed from.
+    worse_by: float = 0.0
+    std_error: float = 0.0
+    p_non_inferior_holm: float = 1.0
+    p_harm_holm: float = 1.0
+    status: Literal["pass", "violated", "inconclusive"] = "inconclusive"
+
+    def make_sequential(self) -> None:
+        """Replace both p-values with always-valid ones (mSPRT), so that looking every hour at
+        the guardrails does not inflate false alarms any more than it does for the lift."""
+        variance, tau2 = self.std_error**2, max(self.margin, 1e-12) ** 2
+        self.p_harm = msprt_p_value(self.worse_by, variance, tau2) if self.worse_by > 0 else 1.0
+        self.p_non_inferior = (
+            msprt_p_value(self.worse_by - self.margin, variance, tau2) if self.worse_by < self.margin else 1.0
+        )
+
+
+@dataclass
+class Criteria:
+    min_engagement_lift: float = 0.15
+    min_cost_efficiency_gain: float = 0.10
+    alpha: float = 0.05
+    srm_alpha: float = 0.001
+
+
+@dataclass
+class Analysis:
+    method: Literal["fixed", "sequential"]
+    relative_lift: float
+    ci_lower: float
+    ci_upper: float
+    p_value: float
+    welch_t: float
+    welch_p_value: float
+    srm_p_value: float
+    srm_ok: bool
+    cost_efficiency_gain: Estimate | None
+    guardrails: list[Guardrail]
+    decision: Decision
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def welch(baseline: ArmSummary, candidate: ArmSummary, alternative: str = "two-sided") -> tuple[float, float]:
+    """Welch's t-test (unequal variances) from summaries: ``(t, p)``."""
+    from scipy import stats
+
+    result = stats.ttest_ind_from_stats(
+        candidate.mean,
+        math.sqrt(candidate.variance),
+        candidate.n,
+        baseline.mean,
+        math.sqrt(baseline.variance),
+        baseline.n,
+        equal_var=False,
+        alternative=alternative,
+    )
+    return float(result.statistic), float(result.pvalue)
+
+
+def relative_lift(baseline: ArmSummary, candidate: ArmSummary, alpha: float = 0.05) -> Estimate:
+    """``mean_c / mean_b - 1`` with its delta-method standard error and (1 - alpha) CI."""
+    from scipy.stats import norm
+
+    if baseline.mean == 0:
+        raise AnalysisInputError("baseline.mean must not be 0: a relative lift is undefined")
+    lift = candidate.mean / baseline.mean - 1
+    variance = candidate.variance / (candidate.n * baseline.mean**2) + (
+        candidate.mean**2 * baseline.variance
+    ) / (baseline.n * baseline.mean**4)
+    se = math.sqrt(variance)
+    z = float(norm.ppf(1 - alpha / 2))
+    return Estimate(lift, lift - z * se, lift + z * se, se)
+
+
+def srm_p_value(n_baseline: int, n_candidate: int, candidate_share: float) -> float:
+    """Sample ratio mismatch: chi-square of the observed arm sizes against the planned split."""
+    from scipy.stats import chisquare
+
+    total = n_baseline + n_candidate
+    if total == 0:
+        return 1.0
+    expected = [total * (1 - candidate_share), total * candidate_share]
+    return float(chisquare([n_baseline, n_candidate], f_exp=expected).pvalue)
+
+
+def ratio_change(baseline: RatioSums, candidate: RatioSums, alpha: float = 0.05) -> Estimate:
+    """Relative change of a ratio of sums (candidate over baseline, minus 1), delta method.
+
+    Each arm's ratio R = sum(num)/sum(den) has Var(R) ~ (s_num^2 - 2 R s_num,den + R^2 s_den^2)
+    / (n mean_den^2); the two arms are independent.
+    """
+    from scipy.stats import norm
+
+    def ratio_and_var(arm: RatioSums, name: str) -> tuple[float, float]:
+        if arm.n <= 1 or arm.den <= 0:
+            raise AnalysisInputError(f"{name}: a ratio needs n > 1 and a positive denominator sum")
+        n = arm.n
+        mean_num, mean_den = arm.num / n, arm.den / n
+        var_num = (arm.num_sq - n * mean_num**2) / (n - 1)
+        var_den = (arm.den_sq - n * mean_den**2) / (n - 1)
+        cov = (arm.num_den - n * mean_num * mean_den) / (n - 1)
+        ratio = arm.num / arm.den
+        var = max(var_num - 2 * ratio * cov + ratio**2 * var_den, 0.0) / (n * mean_den**2)
+        return ratio, var
+
+    r_b, v_b = ratio_and_var(baseline, "baseline cost")
+    r_c, v_c = ratio_and_var(candidate, "candidate cost")
+    if r_b == 0:
+        raise AnalysisInputError("baseline cost per token must not be 0")
+    change = r_c / r_b - 1
+    se = math.sqrt(v_c / r_b**2 + r_c**2 * v_b / r_b**4)
+    z = float(norm.ppf(1 - alpha / 2))
+    return Estimate(change, change - z * se, change + z * se, se)
+
+
+def msprt_p_value(estimate: float, variance: float, tau2: float) -> float:
+    """Always-valid p-value of H0: effect = 0 at one look (normal mixture, mixing variance tau2).
+
+    The pipeline keeps the running minimum across looks; that minimum is the always-valid
+    p-value of the whole test.
+    """
+    if variance <= 0:
+        return 1.0 if estimate == 0 else 0.0
+    log_lr = 0.5 * math.log(variance / (variance + tau2)) + estimate**2 * tau2 / (
+        2 * variance * (variance + tau2)
+    )
+    return min(1.0, math.exp(-log_lr)) if log_lr < 700 else 0.0
+
+
+def confidence_sequence(estimate: float, variance: float, tau2: float, alpha: float) -> tuple[float, float]:
+    """The normal-mixture (1 - alpha) confidence sequence around ``estimate`` at this look."""
+    if variance <= 0:
+        return estimate, estimate
+    radius = math.sqrt(
+        variance
+        * (variance + tau2)
+        / tau2
+        * (2 * math.log(1 / alpha) + math.log((variance + tau2) / variance))
+    )
+    return estimate - radius, estimate + radius
+
+
+def guardrail_mean(
+    name: str, baseline: ArmSummary, candidate: ArmSummary, relative_margin: float, higher_is_worse: bool
+) -> Guardrail:
+    """Non-inferiority of a mean metric (Welch, one-sided) within ``relative_margin`` of baseline."""
+    margin = abs(baseline.mean) * relative_margin
+    sign = 1 if higher_is_worse else -1
+    # Non-inferior: candidate - baseline < margin in the "worse" direction (shift by the margin).
+    shifted = ArmSummary(candidate.n, candidate.mean - sign * margin, candidate.variance)
+    _, p_non_inferior = welch(baseline, shifted, alternative="less" if higher_is_worse else "greater")
+    _, p_harm = welch(baseline, candidate, alternative="greater" if higher_is_worse else "less")
+    return Guardrail(
+        name,
+        baseline.mean,
+        candidate.mean,
+        margin,
+        p_non_inferior,
+        p_harm,
+        worse_by=sign * (candidate.mean - baseline.mean),
+        std_error=math.sqrt(candidate.variance / candidate.n + baseline.variance / baseline.n),
+    )
+
+
+def guardrail_proportion(
+    name: str, errors_b: int, n_b: int, errors_c: int, n_c: int, absolute_margin: float
+) -> Guardrail:
+    """Non-inferiority of a rate (e.g. errors) within ``absolute_margin``, statsmodels' 2-sample test."""
+    from statsmodels.stats.proportion import test_proportions_2indep
+
+    def p(value: float, alternative: str) -> float:
+        if errors_b + errors_c == 0 and value == 0:
+            return 1.0  # no errors anywhere: no evidence of harm
+        return float(
+            test_proportions_2indep(
+                errors_c, n_c, errors_b, n_b, value=value, compare="diff", alternative=alternative
+            ).pvalue
+        )
+
+    rate_b, rate_c = errors_b / n_b, errors_c / n_c
+    return Guardrail(
+        name,
+        rate_b,
+        rate_c,
+        absolute_margin,
+        p(absolute_margin, "smaller"),
+        p(0.0, "larger"),
+        worse_by=rate_c - rate_b,
+        std_error=math.sqrt(rate_c * (1 - rate_c) / n_c + rate_b * (1 - rate_b) / n_b),
+    )
+
+
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (reject where adjusted <= alpha).
+
+    Written out instead of ``statsmodels.stats.multitest.multipletests(method="holm")``, which
+    gives the same values (tests/test_stats.py checks) but runs a full ``gc.collect()`` on every
+    call: 123 ms with Airflow imported (0.03 ms here), holding the GIL of the API server while a
+    status read computes; bench/cache_bench.py found it in the p99.
+    """
+    import numpy as np
+
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p)
+    m = len(p)
+    stepped = np.maximum.accumulate(p[order] * np.arange(m, 0, -1))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted.tolist()
+
+
+def apply_holm(guardrails: list[Guardrail], alpha: float) -> None:
+    """Holm across guardrails, for both the non-inferiority and the harm p-values."""
+    if not guardrails:
+        return
+    non_inferior = holm_adjusted([g.p_non_inferior for g in guardrails])
+    harm = holm_adjusted([g.p_harm for g in guardrails])
+    for guardrail, p_ni, p_h in zip(guardrails, non_inferior, harm, strict=True):
+        guardrail.p_non_inferior_holm = float(p_ni)
+        guardrail.p_harm_holm = float(p_h)
+        guardrail.status = "violated" if p_h < alpha else "pass" if p_ni < alpha else "inconclusive"
+
+
+def analyze(
+    baseline: ArmSummary,
+    candidate: ArmSummary,
+    candidate_share: float,
+    criteria: Criteria | None = None,
+    method: Literal["fixed", "sequential"] = "sequential",
+    cost: tuple[RatioSums, RatioSums] | None = None,
+    guardrails: list[Guardrail] | None = None,
+    previous_p_value: float = 1.0,
+    finished: bool = False,
+) -> Analysis:
+    """Analyse an engagement A/B test and decide promote / reject / continue, with reasons.
+
+    :param previous_p_value: the running minimum of the always-valid p-value at earlier looks.
+    :param finished: the planned duration has passed (no more data will come).
+    """
+    criteria = criteria or Criteria()
+    baseline.check("baseline")
+    candidate.check("candidate")
+    if not 0 < candidate_share < 1:
+        raise AnalysisInputError(f"traffic_split must be between 0 and 1, got {candidate_share!r}")
+    alpha = criteria.alpha
+    lift = relative_lift(baseline, candidate, alpha)
+    t, welch_p = welch(baseline, candidate)
+    if method == "sequential":
+        tau2 = criteria.min_engagement_lift**2  # mixture centred on effects of the size we care about
+        p_value = min(previous_p_value, msprt_p_value(lift.value, lift.std_error**2, tau2))
+        ci_lower, ci_upper = confidence_sequence(lift.value, lift.std_error**2, tau2, alpha)
+    else:
+        p_value, ci_lower, ci_upper = welch_p, lift.ci_lower, lift.ci_upper
+    srm_p = srm_p_value(baseline.n, candidate.n, candidate_share)
+    cost_gain = None
+    if cost is not None:
+        change = ratio_change(*cost, alpha=alpha)
+        # Lower cost per token is better: the gain is minus the relative change.
+        cost_gain = Estimate(-change.value, -change.ci_upper, -change.ci_lower, change.std_error)
+    guardrails = guardrails or []
+    if method == "sequential":
+        for guardrail in guardrails:
+            guardrail.make_sequential()
+    apply_holm(guardrails, alpha)
+
+    significant = p_value < alpha
+    reasons: list[dict[str, Any]] = [
+        {
+            "criterion": "srm",
+            "value": srm_p,
+            "threshold": criteria.srm_alpha,
+            "ok": srm_p >= criteria.srm_alpha,
+            "note": "sample ratio mismatch invalidates the test"
+            if srm_p < criteria.srm_alpha
+            else "arm sizes match the split",
+        },
+        {
+            "criterion": "significance",
+            "value": p_value,
+            "threshold": alpha,
+            "ok": significant,
+            "method": method,
+        },
+        {
+            "criterion": "engagement_lift",
+            "value": lift.value,
+            "threshold": criteria.min_engagement_lift,
+            "ok": lift.value >= criteria.min_engagement_lift,
+            "ci": [ci_lower, ci_upper],
+        },
+    ]
+    if cost_gain is not None:
+        reasons.append(
+            {
+                "criterion": "cost_efficiency_gain",
+                "value": cost_gain.value,
+                "threshold": criteria.min_cost_efficiency_gain,
+                "ok": cost_gain.value >= criteria.min_cost_efficiency_gain,
+                "ci": [cost_gain.ci_lower, cost_gain.ci_upper],
+            }
+        )
+    for g in guardrails:
+        reasons.append(
+            {
+                "criterion": f"guardrail:{g.name}",
+                "value": g.candidate,
+                "baseline": g.baseline,
+                "threshold": g.margin,
+                "ok": g.status == "pass",
+                "status": g.status,
+                "p_non_inferior_holm": g.p_non_inferior_holm,
+                "p_harm_holm": g.p_harm_holm,
+            }
+        )
+
+    srm_ok = srm_p >= criteria.srm_alpha
+    worse = significant and ci_upper < 0
+    violated = any(g.status == "violated" for g in guardrails)
+    promote = srm_ok and significant and all(r["ok"] for r in reasons)
+    if promote:
+        decision: Decision = "promote"
+    elif not srm_ok or worse or violated or finished:
+        decision = "reject"
+    else:
+        decision = "continue"
+    if not srm_ok:
+        reasons.append({"criterion": "verdict", "note": "SRM: the test is invalid and cannot promote"})
+    elif worse:
+        reasons.append({"criterion": "verdict", "note": "the candidate is significantly worse"})
+    elif violated:
+        reasons.append({"criterion": "verdict", "note": "a guardrail is significantly worse"})
+    elif decision == "reject":
+        reasons.append(
+            {"criterion": "verdict", "note": "the test ran its course without meeting the criteria"}
+        )
+    return Analysis(
+        method=method,
+        relative_lift=lift.value,
+        ci_lower=ci_lower,
+        ci_upper=ci_upper,
+        p_value=p_value,
+        welch_t=t,
+        welch_p_value=welch_p,
+        srm_p_value=srm_p,
+        srm_ok=srm_ok,
+        cost_efficiency_gain=cost_gain,
+        guardrails=guardrails,
+        decision=decision,
+        reasons=reasons,
+    )
+
+
+@dataclass
+class PowerPlan:
+    """What the configured split and duration can detect, and what would be needed."""
+
+    baseline_mean: float
+    baseline_sd: float
+    posts_per_hour: float
+    candidate_share: float
+    duration_hours: float
+    min_lift: float
+    required_per_arm: dict[str, int]
+    expected_per_arm: dict[str, int]
+    detectable_lift: float
+    hours_needed: float
+    share_needed_for_duration: float | None
+    adequate: bool
+    message: str
+
+
+def power_plan(
+    baseline_mean: float,
+    baseline_sd: float,
+    posts_per_hour: float,
+    candidate_share: float,
+    duration_hours: float,
+    min_lift: float,
+    alpha: float = 0.05,
+    power: float = 0.8,
+) -> PowerPlan:
+    """Fixed-horizon power for the engagement lift (statsmodels ``NormalIndPower``).
+
+    The sequential test needs somewhat more data than this for the same power; the plan is the
+    lower bound that says whether the test can work at all.
+    """
+    from statsmodels.stats.power import NormalIndPower
+
+    if baseline_mean <= 0 or baseline_sd <= 0 or posts_per_hour <= 0:
+        raise AnalysisInputError(
+            "power needs a positive baseline mean, standard deviation and post volume, got "
+            f"mean={baseline_mean!r}, sd={baseline_sd!r}, posts_per_hour={posts_per_hour!r}"
+        )
+    solver = NormalIndPower()
+    ratio = (1 - candidate_share) / candidate_share  # baseline posts per candidate post
+    effect = min_lift * baseline_mean / baseline_sd
+    n_candidate = float(solver.solve_power(effect_size=effect, alpha=alpha, power=power, ratio=ratio))
+    required = {"candidate": math.ceil(n_candidate), "baseline": math.ceil(n_candidate * ratio)}
+    expected_c = posts_per_hour * duration_hours * candidate_share
+    expected = {
+        "candidate": int(expected_c),
+        "baseline": int(posts_per_hour * duration_hours * (1 - candidate_share)),
+    }
+    detectable_effect = float(
+        solver.solve_power(nobs1=max(expected_c, 2.0), alpha=alpha, power=power, ratio=ratio)
+    )
+    detectable_lift = detectable_effect * baseline_sd / baseline_mean
+    hours_needed = n_candidate / (posts_per_hour * candidate_share)
+
+    share_needed = None
+    for step in range(1, 51):  # the smallest split (in 1% steps up to 50%) that works in time
+        share = step / 100
+        n_c = float(
+            solver.solve_power(effect_size=effect, alpha=alpha, power=power, ratio=(1 - share) / share)
+        )
+        if n_c <= posts_per_hour * duration_hours * share:
+            share_needed = share
+            break
+    adequate = expected_c >= n_candidate
+    if adequate:
+        message = (
+            f"a {candidate_share:.0%} split for {duration_hours:g} h (~{expected_c:.0f} candidate posts) "
+            f"can detect a {min_lift:+.0%} lift (needs {required['candidate']} candidate posts)"
+        )
+    else:
+        options = [f"run {hours_needed:.0f} h at {candidate_share:.0%}"]
+        if share_needed is not None:
+            options.append(f"raise traffic_split to {share_needed:.0%} for {duration_hours:g} h")
+        message = (
+            f"UNDERPOWERED: a {candidate_share:.0%} split for {duration_hours:g} h "
+            f"(~{expected_c:.0f} candidate posts) can only detect a lift of {detectable_lift:+.0%}, "
+            f"not the {min_lift:+.0%} the criteria ask for (needs {required['candidate']} candidate "
+            f"posts); to detect it: {' or '.join(options)}"
+        )
+    return PowerPlan(
+        baseline_mean=baseline_mean,
+        baseline_sd=baseline_sd,
+        posts_per_hour=posts_per_hour,
+        candidate_share=candidate_share,
+        duration_hours=duration_hours,
+        min_lift=min_lift,
+        required_per_arm=required,
+        expected_per_arm=expected,
+        detectable_lift=detectable_lift,
+        hours_needed=hours_needed,
+        share_needed_for_duration=share_needed,
+        adequate=adequate,
+        message=message,
+    )

@@ -1,0 +1,266 @@
+"""A Redis cache with a TTL for evaluation metrics, with its hit rate measured.
+
+Values are JSON under ``{cache.key_prefix}:{key}`` with a TTL (``cache.ttl_seconds``, default
+300 s). Hits and misses are counted twice: in this process (for tests and logs) and in a Redis
+hash shared by every worker (``{prefix}:stats``; the hit rate the dashboards show). A hit and
+its count are one round trip (a Lua script); a miss is counted once it is known whether this
+caller computed the value or got it from another that did. When Redis is unreachable the cache
+falls through: every lookup computes the value from the source (PostgreSQL), is counted as a miss, and the
+outage is logged once; nothing fails because Redis is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fine_tuning.infra.metrics import get_metrics
+from fine_tuning.infra.redis import mark_redis_down, mark_redis_up, redis_available, shared_client
+
+if TYPE_CHECKING:
+    from fine_tuning.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STATS_TTL_SECONDS = 7 * 86_400
+# The longest one computation of an entry may hold the others waiting.
+COMPUTE_LOCK_SECONDS = 30
+
+# GET the value and, when there is one, count the hit in the same round trip. A miss is counted
+# once its outcome is known (see get_or_compute). KEYS: value, stats. ARGV: stats TTL (s).
+LOOKUP_LUA = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  redis.call('HINCRBY', KEYS[2], 'hits', 1)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+end
+return value
+"""
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Lookups counted by this process (``hits``/``misses``/``errors``) and by all (``shared_*``)."""
+
+    hits: int
+    misses: int
+    errors: int
+    shared_hits: int | None
+    shared_misses: int | None
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def shared_hit_rate(self) -> float | None:
+        if self.shared_hits is None or self.shared_misses is None:
+            return None
+        total = self.shared_hits + self.shared_misses
+        return self.shared_hits / total if total else 0.0
+
+
+class MetricsCache:
+    """``get_or_compute(key, compute)``: the cached value, or ``compute()``'s, stored with a TTL.
+
+    :param redis_url: the Redis to cache in; None disables caching (everything computes).
+    :param ttl_seconds: default time to live of an entry.
+    :param key_prefix: Redis key prefix (tests use their own).
+    :param on_lookup: called with ``True`` (hit) or ``False`` (miss) after each lookup, e.g. to
+        send ``fine_tuning_cache_requests_total``.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        ttl_seconds: int = 300,
+        key_prefix: str = "fine_tuning:cache",
+        *,
+        redis_retry_seconds: float = 15.0,
+        on_lookup: Callable[[bool], None] | None = None,
+    ) -> None:
+        if ttl_seconds < 1:
+            raise ValueError(f"cache ttl_seconds must be >= 1, got {ttl_seconds!r}")
+        self.redis_url = redis_url
+        self.ttl_seconds = ttl_seconds
+        self.key_prefix = key_prefix
+        self.redis_retry_seconds = redis_retry_seconds
+        self.on_lookup = on_lookup
+        self.stats_key = f"{key_prefix}:stats"
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._errors = 0
+        self._script: Any = None
+
+    @classmethod
+    def from_config(
+        cls, config: PipelineConfig, on_lookup: Callable[[bool], None] | None = None
+    ) -> MetricsCache:
+        url = config.services.redis_url.get_secret_value() if config.cache.enabled else None
+        if on_lookup is None:  # by default every lookup is counted over StatsD (hit rate metric)
+            on_lookup = get_metrics(config).cache_lookup
+        return cls(
+            url or None,
+            config.cache.ttl_seconds,
+            config.cache.key_prefix,
+            redis_retry_seconds=config.breakers.redis_retry_seconds,
+            on_lookup=on_lookup,
+        )
+
+    def key(self, name: str) -> str:
+        return f"{self.key_prefix}:{name}"
+
+    @staticmethod
+    def key_for(*parts: Any) -> str:
+        """A stable key for arbitrary JSON-able parts (e.g. a query and its parameters)."""
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def _client(self) -> Any:
+        if self.redis_url is None or not redis_available(self.redis_url):
+            return None
+        return shared_client(self.redis_url)
+
+    def _count(self, hit: bool, error: bool = False) -> None:
+        with self._lock:
+            if hit:
+                self._hits += 1
+            else:
+                self._misses += 1
+            if error:
+                self._errors += 1
+        if self.on_lookup is not None:
+            try:
+                self.on_lookup(hit)
+            except Exception:  # metrics must not break a lookup
+                log.exception("cache on_lookup hook failed")
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        mark_redis_down(self.redis_url or "", exc, self.redis_retry_seconds, "metrics cache")
+
+    def get_or_compute(self, name: str, compute: Callable[[], T], ttl_seconds: int | None = None) -> T:
+        """The cached value of ``name``, else ``compute()`` (stored for ``ttl_seconds``)."""
+        from redis.exceptions import RedisError
+
+        client = self._client()
+        if client is not None:
+            try:
+                if self._script is None:
+                    self._script = client.register_script(LOOKUP_LUA)
+                raw = self._script(keys=[self.key(name), self.stats_key], args=[STATS_TTL_SECONDS])
+            except RedisError as exc:
+                self._redis_failed(exc)
+                client = None
+            else:
+                mark_redis_up(self.redis_url or "", "metrics cache")
+                if raw is not None:
+                    self._count(hit=True)
+                    return json.loads(raw)
+        if client is None:
+            self._count(hit=False, error=self.redis_url is not None)
+            return compute()
+        # A caller that waited for another's computation was served from the cache: a hit, as
+        # the API's "cached" says. Counting it as a miss made the shared hit rate read 89.9%
+        # while readers got 98.7% of their answers from the cache (bench/cache_bench.py).
+        computed = True  # also when compute() raises: a miss
+        try:
+            value, computed = self._compute_once(client, name, compute, ttl_seconds or self.ttl_seconds)
+            return value
+        finally:
+            self._count(hit=not computed)
+            self._count_shared(client, hit=not computed)
+
+    def _count_shared(self, client: Any, hit: bool) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.stats_key, "hits" if hit else "misses", 1)
+                pipe.expire(self.stats_key, STATS_TTL_SECONDS)
+                pipe.execute()
+        except RedisError as exc:
+            self._redis_failed(exc)
+
+    def _compute_once(
+        self, client: Any, name: str, compute: Callable[[], T], ttl_seconds: int
+    ) -> tuple[T, bool]:
+        """On a miss, one caller across all processes computes; the others wait for its value.
+        Returns the value and whether this caller computed it.
+
+        Without this every poller of an expired entry recomputes it at once (a cache stampede:
+        bench/cache_bench.py measured a 17 s p99 with 32 pollers on 2 cores). redis-py's ``Lock``
+        (a token, a TTL, Lua release) holds the turn; a holder that dies frees it after
+        ``COMPUTE_LOCK_SECONDS``, and a waiter that waited that long computes by itself.
+        """
+        from redis.exceptions import LockError, RedisError
+
+        lock = client.lock(
+            self.key(name) + ":computing",
+            timeout=COMPUTE_LOCK_SECONDS,
+            blocking_timeout=COMPUTE_LOCK_SECONDS,
+            sleep=0.05,
+        )
+        try:
+            acquired = lock.acquire()
+            raw = client.get(self.key(name)) if acquired else None  # filled while we waited?
+        except RedisError as exc:
+            self._redis_failed(exc)
+            return compute(), True
+        try:
+            if raw is not None:
+                return json.loads(raw), False
+            value = compute()
+            try:
+                client.set(self.key(name), json.dumps(value, default=str), ex=ttl_seconds)
+            except RedisError as exc:
+                self._redis_failed(exc)
+            return value, True
+        finally:
+            if acquired:
+                with contextlib.suppress(LockError, RedisError):
+                    lock.release()
+
+    def invalidate(self, name: str) -> None:
+        from redis.exceptions import RedisError
+
+        client = self._client()
+        if client is not None:
+            try:
+                client.delete(self.key(name))
+            except RedisError as exc:
+                self._redis_failed(exc)
+
+    def ttl(self, name: str) -> int | None:
+        """Seconds left on an entry (None: absent, or Redis unreachable)."""
+        from redis.exceptions import RedisError
+
+        client = self._client()
+        if client is None:
+            return None
+        try:
+            left = client.ttl(self.key(name))
+        except RedisError as exc:
+            self._redis_failed(exc)
+            return None
+        return int(left) if left is not None and left >= 0 else None
+
+    def stats(self) -> CacheStats:
+        """This process's counts and, when Redis answers, everyone's."""
+        from redis.exceptions import RedisError
+
+        shared_hits = shared_misses = None
+        client = self._client()
+        if client is not None:
+            try:
+                raw = client.hmget(self.stats_key, "hits", "misses")
+                shared_hits, shared_misses = (int(v or 0) for v in raw)
+            except RedisError as exc:
+                self._redis_failed(exc)
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._errors, shared_hits, shared_misses)
