@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -11,8 +14,8 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from support import REPO, StatsdListener
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Airflow reads these when first imported: a throwaway home, the repo's DAGs and plugins.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
@@ -20,6 +23,7 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("FINE_TUNING_MODE", "local")
+
 
 PG_BASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -70,3 +74,31 @@ def isolated_breakers(monkeypatch: pytest.MonkeyPatch) -> str:
     prefix = f"test:{uuid.uuid4().hex[:10]}:breaker"
     monkeypatch.setenv("FINE_TUNING_BREAKER_KEY_PREFIX", prefix)
     return prefix
+
+
+@pytest.fixture
+def airflow(pg_url: str, mlflow_uri: str, openai_env, tmp_path: Path) -> dict[str, str]:
+    """An Airflow home on SQLite, pointed at this repo's DAGs and plugins and at the real services."""
+    from fine_tuning.dev.demo import airflow_env
+    from fine_tuning.dev.devstack import Stack
+
+    stack = Stack(
+        database_url=pg_url, redis_url="redis://127.0.0.1:6379/0", mlflow_uri=mlflow_uri,
+        openai_base_url=openai_env.base_url, emulator_admin_url=openai_env.admin_url, workdir=tmp_path,
+    )
+    env = airflow_env(stack, pg_url, tmp_path / "airflow", tmp_path / "data")
+    env["MLFLOW_EXPERIMENT_NAME"] = f"e2e_{tmp_path.name}"
+    # An A/B test of seconds: with no traffic it cannot promote, so it ends in "reject".
+    config_file = tmp_path / "training_config.json"
+    config_file.write_text(json.dumps({"evaluation": {"duration_hours": 0.003, "evaluation_interval_minutes": 0.05}}))
+    env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
+    env["REDIS_URL"] = "redis://127.0.0.1:6379/8"
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    return env
+
+
+@pytest.fixture
+def statsd_server() -> Iterator[StatsdListener]:
+    listener = StatsdListener()
+    yield listener
+    listener.close()

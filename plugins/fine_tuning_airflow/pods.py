@@ -6,8 +6,8 @@ values), never from a Variable or a database at parse time.
 The data volume (claim ``FINE_TUNING_DATA_PVC``, ReadWriteMany) is mounted in every step pod at
 the path where the Airflow components have it (``FINE_TUNING_DATA_DIR``): the self-hosted
 trainer's status files, the datasets and the manifests are then the same files at the same
-absolute paths in a pod, a worker and the triggerer (tests/test_deploy_files.py checks the Helm
-values against this).
+absolute paths in a pod, a worker and the triggerer (tests/integration/test_deploy_files.py checks
+the Helm values against this).
 """
 
 from __future__ import annotations

@@ -208,7 +208,8 @@ class _TiktokenCounter(ChatTokenCounter):
     """The cookbook's formula over a tiktoken encoding."""
 
     encoding: tiktoken.Encoding
-    words_bound_tokens = True  # cl100k/o200k never merge two words (tests/test_collect.py checks)
+    # cl100k/o200k never merge two words (tests/unit/collect/test_collect.py checks).
+    words_bound_tokens = True
 
     def count(self, messages: Iterable[Mapping[str, str]]) -> int:
         return _count_cookbook(messages, self.encoding)

@@ -5,9 +5,10 @@ Redis for ``evaluation.metrics_cache_ttl_seconds``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from pydantic import BaseModel
 
 from fine_tuning import clock
 from fine_tuning.config import PipelineConfig
@@ -15,9 +16,9 @@ from fine_tuning.evaluate import ab, stats
 from fine_tuning.infra.cache import MetricsCache
 
 
-@dataclass(frozen=True)
-class MetricsReport:
-    """One read of a test's metrics; ``cached`` says whether the body came from the cache."""
+class MetricsReport(BaseModel):
+    """One read of a test's metrics (the API's response body); ``cached`` says whether it came
+    from the cache."""
 
     ab_test_id: str
     status: str

@@ -278,7 +278,7 @@ def holm_adjusted(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values (reject where adjusted <= alpha).
 
     Written out instead of ``statsmodels.stats.multitest.multipletests(method="holm")``, which
-    gives the same values (tests/test_stats.py checks) but runs a full ``gc.collect()`` on every
+    gives the same values (tests/unit/evaluate/test_stats.py checks) but runs a full ``gc.collect()`` on every
     call: 123 ms with Airflow imported (0.03 ms here), holding the GIL of the API server while a
     status read computes; bench/cache_bench.py found it in the p99.
     """

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib
 import json
 import logging
 import os
+import pkgutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -83,13 +83,9 @@ def outbox_dir(config: PipelineConfig) -> Path:
 
 def operation(kind: str) -> Operation:
     """The function that applies ``kind`` (see :data:`OPERATIONS`)."""
-    try:
-        module_name, function_name = OPERATIONS[kind].split(":")
-    except KeyError:
-        raise ValueError(
-            f"unknown tracking operation {kind!r}; known: {', '.join(sorted(OPERATIONS))}"
-        ) from None
-    function: Operation = getattr(importlib.import_module(module_name), function_name)
+    if kind not in OPERATIONS:
+        raise ValueError(f"unknown tracking operation {kind!r}; known: {', '.join(sorted(OPERATIONS))}")
+    function: Operation = pkgutil.resolve_name(OPERATIONS[kind])
     return function
 
 

@@ -120,17 +120,6 @@ class CreateABTestResponse(BaseModel):
     monitoring_endpoints: dict[str, str]
 
 
-class ABMetricsResponse(BaseModel):
-    ab_test_id: str
-    status: str
-    duration_hours: float
-    metrics: dict[str, dict[str, Any]]
-    performance_comparison: dict[str, float | None]
-    statistical_analysis: dict[str, Any]
-    recommendation: str
-    cached: bool
-
-
 # -- deployments -------------------------------------------------------------------------------
 class EvaluationResult(_Body):
     ab_test_id: str = Field(min_length=1, max_length=250)

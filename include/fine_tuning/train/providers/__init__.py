@@ -14,7 +14,7 @@ and names the trained model in a way the A/B routing and MLflow understand.
 from __future__ import annotations
 
 import asyncio
-import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,13 +210,9 @@ PROVIDERS: dict[str, str] = {
 def provider_class(name: str) -> type[TrainingProvider]:
     """The class behind a provider name, imported by name when first asked for: a provider's
     module may load a heavy client, and only the configured one is needed."""
-    try:
-        module_name, class_name = PROVIDERS[name].split(":")
-    except KeyError:
-        raise UnknownProviderError(
-            f"training.provider {name!r} is not one of {', '.join(PROVIDERS)}"
-        ) from None
-    provider: type[TrainingProvider] = getattr(importlib.import_module(module_name), class_name)
+    if name not in PROVIDERS:
+        raise UnknownProviderError(f"training.provider {name!r} is not one of {', '.join(PROVIDERS)}")
+    provider: type[TrainingProvider] = pkgutil.resolve_name(PROVIDERS[name])
     return provider
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, status
@@ -12,7 +11,7 @@ from fine_tuning.evaluate import ab, report
 from fine_tuning.infra.redis import redis_client
 from fine_tuning_airflow.api import deps
 from fine_tuning_airflow.api.deps import URL_PREFIX
-from fine_tuning_airflow.api.schemas import ABMetricsResponse, CreateABTestRequest, CreateABTestResponse
+from fine_tuning_airflow.api.schemas import CreateABTestRequest, CreateABTestResponse
 
 router = APIRouter(prefix="/evaluation")
 
@@ -62,11 +61,11 @@ def create_ab_test(_: deps.CanEditPipeline, body: CreateABTestRequest) -> Create
 
 @router.get(
     "/metrics/{ab_test_id}",
-    response_model=ABMetricsResponse,
+    response_model=report.MetricsReport,
     responses={**deps.COMMON_ERRORS, 404: {"description": "No such A/B test"}},
 )
 def ab_test_metrics(
     _: deps.CanReadPipeline, config: deps.ConfigDep, ab_test_id: Annotated[str, deps.identifier()]
-) -> ABMetricsResponse:
+) -> report.MetricsReport:
     """The A/B test's per-arm metrics from SQL, cached in Redis for ``metrics_cache_ttl_seconds``."""
-    return ABMetricsResponse(**asdict(report.metrics_report(config, ab_test_id)))
+    return report.metrics_report(config, ab_test_id)

@@ -30,7 +30,7 @@ from fine_tuning.infra import db
 from fine_tuning.dev.demo import DAG_ID, airflow_env
 from fine_tuning.dev.devstack import Stack, free_port, wait_http
 from fine_tuning.dev.seed import seed_posts
-from test_metrics import StatsdListener
+from support import REPO, StatsdListener
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +258,7 @@ def test_scheduler_and_health_metrics_reach_statsd(
     assert statsd.last("fine_tuning.redis.connections.idle") >= 0
     assert statsd.last("fine_tuning.breaker.openai.state") in (0.0, 0.5, 1.0)
     # Every name that arrived maps to a Prometheus series through the exporter's mapping.
-    from test_monitoring import map_statsd
+    from support import map_statsd
 
     unmapped = sorted(n for n in statsd.names() if n.startswith("fine_tuning.") and map_statsd(n) is None)
     assert not unmapped, unmapped
@@ -391,7 +391,7 @@ def test_settings_file_loads_into_airflow(airflow: dict[str, Any], api: httpx.Cl
     """`python -m fine_tuning settings` puts airflow_settings.yaml's entries where the REST API
     (and the tasks) find them; a wrong file names its mistake and imports nothing. Last in the
     module: from here on the tasks of this Airflow would use the file's postgres_default."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     loader = [sys.executable, "-m", "fine_tuning", "settings"]
     done = subprocess.run([*loader, str(repo / "airflow_settings.yaml")], env=airflow["env"],
                           capture_output=True, text=True, timeout=120)

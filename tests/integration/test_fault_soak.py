@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from support import REPO
+
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(REPO / "bench"))
 from fault_soak import soak  # noqa: E402
 
 pytestmark = pytest.mark.slow

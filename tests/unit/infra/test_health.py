@@ -57,7 +57,7 @@ def test_required_down_is_503_and_optional_down_degrades(service_env: dict[str, 
 
 
 def test_cli_health_prints_the_report_and_sends_gauges(service_env: dict[str, str]) -> None:
-    from test_metrics import StatsdListener
+    from support import StatsdListener
 
     listener = StatsdListener()
     try:

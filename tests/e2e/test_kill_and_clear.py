@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 import pytest
 from mlflow import MlflowClient
 
-sys.path.insert(0, str(Path(__file__).parent))
 from faulty_proxy import FaultyProxy  # noqa: E402
 
 from fine_tuning.manifests import CollectManifest  # noqa: E402

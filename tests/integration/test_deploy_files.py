@@ -10,13 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
 
 
 def _pin(name: str) -> str:

@@ -14,7 +14,7 @@ from fine_tuning.step_graph import STEP_INPUTS
 from fine_tuning_airflow.operators import fine_tuning_step
 from fine_tuning_airflow.pods import EXIT_SKIPPED
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
 STEPS = ["collect", "upload", "train", "register", "ab-create", "deploy", "rollout"]
 
 

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,27 +14,12 @@ import yaml
 from fine_tuning.infra import metrics
 from fine_tuning.infra.breakers import BREAKER_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
-MONITORING = REPO / "include" / "monitoring"
-MAPPINGS: list[dict] = yaml.safe_load((MONITORING / "statsd-mapping.yaml").read_text())["mappings"]
+from support import MAPPINGS, MONITORING, REPO, map_statsd
 
 promtool = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     promtool is None, reason="promtool not installed (`make promtool` installs Debian's prometheus package)"
 )
-
-
-def map_statsd(name: str) -> tuple[str, dict[str, str]] | None:
-    """statsd_exporter's glob matching: `*` is one dotted segment; $n fills names and labels."""
-    for mapping in MAPPINGS:
-        pattern = "^" + re.escape(mapping["match"]).replace(r"\*", "([^.]+)") + "$"
-        found = re.match(pattern, name)
-        if found:
-            def fill(text: str) -> str:
-                return re.sub(r"\$\{?(\d+)\}?", lambda m: found.group(int(m.group(1))), text)
-
-            return fill(mapping["name"]), {k: fill(str(v)) for k, v in mapping.get("labels", {}).items()}
-    return None
 
 
 def produced_series() -> set[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from fine_tuning.collect import dataset as collect
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
 TINY = {
     "BENCH_MAX_POSTS": "3000",
     "BENCH_EVAL_REPEATS": "2",

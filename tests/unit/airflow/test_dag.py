@@ -8,7 +8,7 @@ import sys
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 
-from conftest import REPO
+from support import REPO
 
 
 @pytest.fixture(scope="module")

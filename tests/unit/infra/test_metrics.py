@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,68 +15,7 @@ from fine_tuning.infra import metrics
 from fine_tuning.config import load_config
 from fine_tuning.manifests import CollectManifest, JobResult
 from fine_tuning.dev.seed import seed_posts
-# The end-to-end test's Airflow home fixture and its `airflow dags test` runner, reused.
-from test_e2e import LAST_WEEK_END, airflow  # noqa: F401
-
-
-class StatsdListener:
-    """A real StatsD server, as far as the wire goes: one UDP socket on loopback, lines parsed."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
-        self.lines: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.lines.extend(line for line in data.decode("ascii").splitlines() if line)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-    def wait_for(self, name: str, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and name not in self.names():
-            time.sleep(0.02)
-
-    def names(self) -> set[str]:
-        return {line.split(":", 1)[0] for line in self.lines}
-
-    def values(self, name: str) -> list[tuple[float, str]]:
-        """Every (value, type) received for ``name``; a gauge keeps its last value meaningful."""
-        found = []
-        for line in self.lines:
-            stat, _, rest = line.partition(":")
-            if stat == name:
-                value, _, kind = rest.partition("|")
-                found.append((float(value), kind.split("|")[0]))
-        return found
-
-    def total(self, name: str) -> float:
-        return sum(value for value, kind in self.values(name) if kind == "c")
-
-    def last(self, name: str) -> float:
-        return self.values(name)[-1][0]
-
-
-@pytest.fixture
-def statsd_server() -> Iterator[StatsdListener]:
-    listener = StatsdListener()
-    yield listener
-    listener.close()
+from support import LAST_WEEK_END, StatsdListener
 
 
 def _metrics_for(port: int, prefix: str = "fine_tuning") -> metrics.Metrics:

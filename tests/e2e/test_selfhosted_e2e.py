@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from fine_tuning.infra import db
 from fine_tuning.dev.seed import seed_posts
-from test_e2e import LAST_WEEK_END, airflow, dags_test  # noqa: F401 - the fixture is used by name
+from support import LAST_WEEK_END, dags_test
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("torch")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,7 +12,6 @@ from urllib.parse import urlsplit
 import pytest
 from mlflow import MlflowClient
 
-sys.path.insert(0, str(Path(__file__).parent))
 from faulty_proxy import FaultyProxy  # noqa: E402
 
 from fine_tuning import pipeline  # noqa: E402
