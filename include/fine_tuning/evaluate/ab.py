@@ -11,15 +11,17 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from fine_tuning import clock
 from fine_tuning.config import PipelineConfig
 from fine_tuning.evaluate import stats
 from fine_tuning.evaluate.plots import log_evaluation_plot
 from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
+from fine_tuning.retirement import served_routing, write_routing
 from fine_tuning.routing import Routing, set_routing
 
 if TYPE_CHECKING:
@@ -157,10 +159,15 @@ def create_ab_test(
     candidate_version: str | None = None,
     dag_id: str | None = None,
     run_id: str | None = None,
+    migration: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Record the test, check its power, and route ``traffic_split`` of requests to the candidate.
 
     Idempotent per (dag_id, run_id): a retried task gets the test it created before.
+
+    ``migration`` (a forced migration, see :func:`fine_tuning.pipeline.plan_migration`) makes the
+    test a non-inferiority test (``retirement.non_inferiority_margin``) that ends by half the time
+    left before the deadline, so that the rollout can finish before the old model stops serving.
     """
     entered = time.monotonic()
     evaluation = config.evaluation
@@ -203,6 +210,18 @@ def create_ab_test(
         log.info("A/B test power: %s", plan_dict["message"])
 
     ab_test_id = _new_id(now)
+    routing = served_routing(
+        config,
+        evaluation.model_type,
+        Routing(baseline_model, candidate_model, evaluation.traffic_split, ab_test_id),
+        now,
+    )
+    if (routing.baseline_model, routing.candidate_model) != (baseline_model, candidate_model):
+        raise ABTestError(
+            f"cannot A/B test {candidate_model!r} against {baseline_model!r}: a model past its inference "
+            f"retirement cannot take traffic (the routing would serve {routing.baseline_model!r} and "
+            f"{routing.candidate_model!r}); see fine_tuning.retirement"
+        )
     criteria = {
         **evaluation.success_criteria.model_dump(),
         "significance_threshold": evaluation.significance_threshold,
@@ -210,7 +229,30 @@ def create_ab_test(
         "srm_alpha": evaluation.srm_alpha,
         "guardrails": evaluation.guardrails.model_dump(),
     }
-    planned_end = now + timedelta(hours=evaluation.duration_hours)
+    duration = timedelta(hours=evaluation.duration_hours)
+    if migration:
+        deadline = datetime.fromisoformat(migration["deadline"])
+        if deadline <= now:
+            raise ABTestError(
+                f"migration from {migration['from_model']}: its deadline {deadline.isoformat()} has passed; "
+                "the routing serves retirement.serving_fallback once the model retires"
+            )
+        criteria.update(
+            {
+                "rule": "non_inferiority",
+                "non_inferiority_margin": config.retirement.non_inferiority_margin,
+                "migration": migration,
+            }
+        )
+        duration = min(duration, (deadline - now) / 2)
+        log.warning(
+            "A/B test of %s is a forced migration (%s): non-inferiority within %.0f%%, ending by %s",
+            candidate_model,
+            migration["reason"],
+            config.retirement.non_inferiority_margin * 100,
+            (now + duration).isoformat(),
+        )
+    planned_end = now + duration
     with db.connect(database_url) as conn, conn.transaction():
         conn.execute(
             """
@@ -236,15 +278,11 @@ def create_ab_test(
         )
         # The test starts when the routing switches, not when this function began: posts made
         # in between were all routed to the baseline and would skew the sample ratio.
-        set_routing(
-            redis_client,
-            evaluation.model_type,
-            Routing(baseline_model, candidate_model, evaluation.traffic_split, ab_test_id),
-        )
+        set_routing(redis_client, evaluation.model_type, routing)
         started = now + timedelta(seconds=time.monotonic() - entered)
         conn.execute(
             "UPDATE ab_tests SET started_at = %s, planned_end_at = %s WHERE id = %s",
-            (started, started + timedelta(hours=evaluation.duration_hours), ab_test_id),
+            (started, started + duration, ab_test_id),
         )
     return get_ab_test(config, ab_test_id)
 
@@ -319,7 +357,7 @@ def analyze_aggregates(
                 margins.get("error_rate_absolute_margin", 0.01),
             )
         )
-    return stats.analyze(
+    analysis = stats.analyze(
         baseline,
         candidate,
         traffic_split,
@@ -335,6 +373,57 @@ def analyze_aggregates(
         previous_p_value=previous_p_value,
         finished=finished,
     )
+    if criteria.get("rule") == "non_inferiority":
+        return non_inferiority_decision(analysis, float(criteria["non_inferiority_margin"]), finished)
+    return analysis
+
+
+def non_inferiority_decision(analysis: stats.Analysis, margin: float, finished: bool) -> stats.Analysis:
+    """A forced migration's verdict: the replacement need not be better, only not worse.
+
+    Promote when the (always-valid, for the sequential method) confidence interval of the
+    relative engagement lift lies above ``-margin``, every guardrail passed its non-inferiority
+    test and the sample ratio is clean; reject when the interval lies below ``-margin``, a
+    guardrail is violated, the ratio is off, or the test ends without showing non-inferiority.
+    The cost criterion is reported but does not decide: the model it is compared with retires.
+    """
+    guardrails_pass = all(g.status == "pass" for g in analysis.guardrails)
+    violated = any(g.status == "violated" for g in analysis.guardrails)
+    shown = analysis.ci_lower > -margin
+    worse = analysis.ci_upper < -margin
+    reasons = [
+        {**r, "ok": None, "note": "reported; does not decide a forced migration"}
+        if r.get("criterion") == "cost_efficiency_gain"
+        else r
+        for r in analysis.reasons
+        if r.get("criterion") not in ("engagement_lift", "significance", "verdict")
+    ]
+    reasons.insert(
+        0,
+        {
+            "criterion": "engagement_non_inferiority",
+            "value": analysis.relative_lift,
+            "ci": [analysis.ci_lower, analysis.ci_upper],
+            "threshold": -margin,
+            "ok": shown,
+            "note": f"lower bound of the lift must be above -{margin:.0%} (forced migration)",
+        },
+    )
+    if analysis.srm_ok and shown and guardrails_pass:
+        decision: stats.Decision = "promote"
+        note = "not worse than the retiring model: promoted for the migration"
+    elif not analysis.srm_ok:
+        decision, note = "reject", "SRM: the test is invalid and cannot promote"
+    elif worse:
+        decision, note = "reject", f"the replacement is worse by more than {margin:.0%}"
+    elif violated:
+        decision, note = "reject", "a guardrail is significantly worse"
+    elif finished:
+        decision, note = "reject", "the test ended without showing non-inferiority"
+    else:
+        decision, note = "continue", "non-inferiority not shown yet"
+    reasons.append({"criterion": "verdict", "note": note})
+    return replace(analysis, decision=decision, reasons=reasons)
 
 
 def _emit_metrics(
@@ -418,10 +507,12 @@ def evaluate_ab_test(
         )
     _emit_metrics(config, ab_test_id, metrics, decision)
     if decision == "reject" and redis_client is not None:
-        set_routing(
+        write_routing(
+            config,
             redis_client,
             test["model_type"],
             Routing(test["baseline_model"], None, 0.0, f"{ab_test_id}:rejected"),
+            now,
         )
     log.info("A/B test %s look %d: %s", ab_test_id, test["looks"] + 1, decision)
     return {"ab_test_id": ab_test_id, "decision": decision, "analysis": body, "final": decision != "continue"}
@@ -440,5 +531,7 @@ def stop_ab_test(config: PipelineConfig, redis_client: redis.Redis, ab_test_id: 
         ).fetchone()
     if row is None:
         return False
-    set_routing(redis_client, row[0], Routing(row[1], None, 0.0, f"{ab_test_id}:aborted"))
+    write_routing(
+        config, redis_client, row[0], Routing(row[1], None, 0.0, f"{ab_test_id}:aborted"), clock.now_utc()
+    )
     return True
