@@ -408,7 +408,11 @@ class PipelineConfig(_Section):
         flat: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
+            # A mapping keyed by patterns (retirement.model_providers) stays one JSON value:
+            # MLflow refuses '*' and other characters in a param's name.
+            if isinstance(value, dict) and not all(re.fullmatch(r"[\w\-. :/]+", str(k)) for k in value):
+                flat[prefix] = json.dumps(value, sort_keys=True)
+            elif isinstance(value, dict):
                 for key, item in value.items():
                     walk(f"{prefix}.{key}" if prefix else key, item)
             else:

@@ -12,6 +12,8 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,11 +21,12 @@ from typing import Any
 
 from fine_tuning import clock, retirement
 from fine_tuning.collect.dataset import collect_training_data
-from fine_tuning.config import PipelineConfig
+from fine_tuning.config import ConfigError, PipelineConfig
 from fine_tuning.deploy import rollout
 from fine_tuning.deploy.serving import serve_adapters
 from fine_tuning.evaluate import ab
 from fine_tuning.infra import metrics
+from fine_tuning.infra.health import HealthReport, check_health, emit_report
 from fine_tuning.infra.redis import redis_client
 from fine_tuning.manifests import (
     ABTestManifest,
@@ -437,14 +440,16 @@ def deploy(config: PipelineConfig, ctx: RunContext, evaluation: EvaluationManife
 
 def enforce_retirements(
     config: PipelineConfig, client: Any, now: datetime, table: retirement.RetirementTable | None = None
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
     """Rewrite any live routing that names a model past its inference retirement (or, with no
     routing, whose configured model retired), so that the routing names the serving fallback.
 
-    :returns: the model types whose routing changed.
+    :returns: the model types whose routing changed, and what could not be fixed (a retired
+        model with no ``retirement.serving_fallback`` for its type).
     """
     table = table or retirement_table(config)
     changed: list[str] = []
+    problems: list[str] = []
     for model_type in ("hook", "body"):
         live = get_routing(client, model_type)
         configured = config.body_model if model_type == "body" else config.hook_model
@@ -453,7 +458,12 @@ def enforce_retirements(
         retired = [m for m in named if table.lookup(m).retired("inference", now)]
         if not retired:
             continue
-        served = retirement.write_routing(config, client, model_type, routing, now, table)
+        try:
+            served = retirement.write_routing(config, client, model_type, routing, now, table)
+        except ConfigError as exc:
+            log.error("%s routing: %s", model_type, exc)
+            problems.append(f"{model_type}: {exc}")
+            continue
         metrics.get_metrics(config).retired_model_replaced(model_type)
         log.error(
             "%s routing named %s, past its inference retirement: it now serves %s",
@@ -462,7 +472,7 @@ def enforce_retirements(
             served.baseline_model,
         )
         changed.append(model_type)
-    return changed
+    return changed, problems
 
 
 def model_retirements(config: PipelineConfig, now: datetime | None = None) -> dict[str, dict[str, Any]]:
@@ -515,14 +525,9 @@ _models_cache: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
 MODELS_CACHE_SECONDS = 300.0
 
 
-def health(config: PipelineConfig, *, emit_metrics: bool = False) -> Any:
+def health(config: PipelineConfig, *, emit_metrics: bool = False) -> HealthReport:
     """The health report (:func:`fine_tuning.infra.health.check_health`) with the retirements of
     the models the pipeline depends on: degraded while one retires within the horizon."""
-    from concurrent.futures import ThreadPoolExecutor
-    from concurrent.futures import TimeoutError as FutureTimeout
-
-    from fine_tuning.infra.health import check_health, emit_report
-
     report = check_health(config, emit_metrics=False)
     key = config.model_dump_json()
     cached = _models_cache.get(key)
@@ -549,11 +554,13 @@ def watch_rollouts(config: PipelineConfig, ctx: RunContext) -> RolloutWatchManif
     """The hourly watch: advance each active rollout whose interval passed, or roll it back; and
     take any model past its inference retirement out of the routing."""
     client = redis_client(config)
-    enforce_retirements(config, client, clock.now_utc())
+    _, problems = enforce_retirements(config, client, clock.now_utc())
     results = [
         deployment_manifest(rollout.watch(config, client, deployment_id, clock.now_utc()))
         for deployment_id in rollout.active_deployments(config)
     ]
+    if problems:  # the rollouts were watched; the task still fails, so that someone looks
+        raise ConfigError("a model past its inference retirement is still served: " + "; ".join(problems))
     return RolloutWatchManifest(deployments=results)
 
 

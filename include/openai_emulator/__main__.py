@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="YYYY-MM-DD",
         help="refuse new fine-tuning jobs from this UTC day on the emulator's clock (OpenAI: 2027-01-06)",
     )
+    parser.add_argument(
+        "--model-owner",
+        default="emulator",
+        help="the owner segment of fine-tuned model ids (ft:BASE:OWNER:...)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         refuse_jobs=args.refuse_jobs,
         fine_tuning_closes_at=closes,
+        model_owner=args.model_owner,
     )
     logging.getLogger("openai_emulator").info(
         "OpenAI emulator on http://%s:%d/v1 (stage %.3g s, admin at /_emulator)",

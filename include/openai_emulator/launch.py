@@ -54,6 +54,7 @@ class EmulatorProcess:
         host: str = "127.0.0.1",
         refuse_jobs: bool = False,
         fine_tuning_closes: str | None = None,
+        model_owner: str | None = None,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.host = host
@@ -63,6 +64,7 @@ class EmulatorProcess:
         self.api_key = api_key
         self.refuse_jobs_at_start = refuse_jobs
         self.fine_tuning_closes = fine_tuning_closes
+        self.model_owner = model_owner
         self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -124,6 +126,8 @@ class EmulatorProcess:
             command.append("--refuse-jobs")
         if self.fine_tuning_closes:
             command += ["--fine-tuning-closes", self.fine_tuning_closes]
+        if self.model_owner:
+            command += ["--model-owner", self.model_owner]
         env = dict(os.environ)
         # Importable even without the editable install.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)

@@ -26,6 +26,8 @@ class Settings:
     refuse_jobs: bool = False
     refuse_status: int = 403
     organization_id: str = "org-emulator"
+    # The owner segment of fine-tuned model ids: ``ft:{base}:{model_owner}:{suffix}:{id}``.
+    model_owner: str = "emulator"
     max_file_bytes: int = MAX_FILE_BYTES
     min_training_examples: int = 10
     max_request_log: int = 2000

@@ -485,7 +485,7 @@ class Store:
         self._report_metrics(job, at)
         epochs = job.resolved["n_epochs"] if job.resolved else AUTO_EPOCHS
         short = job.id.removeprefix("ftjob-")[:8]
-        job.fine_tuned_model = f"ft:{job.base.name}:emulator:{job.suffix or ''}:{short}"
+        job.fine_tuned_model = f"ft:{job.base.name}:{self.settings.model_owner}:{job.suffix or ''}:{short}"
         job.trained_tokens = job.training_report.tokens * epochs
         for epoch in range(max(1, epochs - CHECKPOINTS_KEPT + 1), epochs + 1):
             step = job.steps_per_epoch * epoch
