@@ -366,7 +366,10 @@ class RetirementConfig(_Section):
     # A served model this close to its inference retirement makes health degraded, and the
     # weekly run starts replacing the champion (with training.fallback_provider).
     horizon_days: float = Field(30, ge=0)
-    # Rows that replace the shipped table's for the models they match.
+    # A JSON file ({"rows": [...]}, the shipped file's shape) used instead of the shipped table:
+    # a table the deployment maintains itself (a mounted ConfigMap), or a test's.
+    table_file: str | None = None
+    # Rows that replace the table's for the models they match.
     overrides: list[RetirementRow] = Field(default_factory=list)
     # Who serves a plain model id (a base model such as hook_model / body_model).
     serving_provider: ProviderName = "openai"
@@ -594,6 +597,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "FINE_TUNING_OPENAI_COMPATIBLE_BASE_URL": ("training", "openai_compatible", "base_url"),
     "FINE_TUNING_OPENAI_COMPATIBLE_API_KEY": ("training", "openai_compatible", "api_key"),
     "FINE_TUNING_FALLBACK_PROVIDER": ("training", "fallback_provider"),
+    "FINE_TUNING_RETIREMENT_TABLE": ("retirement", "table_file"),
     "FINE_TUNING_BASE_MODEL_PATH": ("training", "selfhosted", "base_model_path"),
     "FINE_TUNING_SERVING_BASE_URL": ("training", "selfhosted", "serving_base_url"),
     "VLLM_API_KEY": ("training", "selfhosted", "serving_api_key"),

@@ -22,6 +22,7 @@ from datetime import UTC, date, datetime, time
 from fnmatch import fnmatchcase
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from fine_tuning.config import ConfigError, PipelineConfig, RetirementRow
@@ -147,6 +148,17 @@ def shipped_rows() -> tuple[RetirementRow, ...]:
     return tuple(RetirementRow.model_validate(row) for row in json.loads(text)["rows"])
 
 
+def file_rows(path: str) -> tuple[RetirementRow, ...]:
+    """The rows of a table file (``retirement.table_file``); a bad file is refused, naming it."""
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        return tuple(RetirementRow.model_validate(row) for row in data["rows"])
+    except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+        raise ConfigError(f"retirement.table_file {path!r} is not a retirement table: {exc}") from exc
+
+
 def _matches(row: RetirementRow, ref: ModelRef) -> bool:
     if row.provider != ref.provider:
         return False
@@ -220,6 +232,7 @@ def table_for(
     owners.update({pattern: (owner, None) for pattern, owner in settings.model_providers.items()})
     return RetirementTable(
         overrides=tuple(settings.overrides),
+        rows=file_rows(settings.table_file) if settings.table_file else shipped_rows(),
         reported=dict(reported or {}),
         serving_provider=settings.serving_provider,
         model_providers=owners,

@@ -138,3 +138,17 @@ def test_retire_choose_model_never_returns_a_retired_model(client: redis.Redis, 
         assert sum("retired since 2027-01-14" in r.message for r in caplog.records) == 2  # once per model
     finally:
         client.delete(f"fine_tuning:routing:{model_type}")
+
+
+def test_retire_table_file_replaces_the_shipped_table_and_a_bad_one_is_named(tmp_path) -> None:
+    own = tmp_path / "ours.json"
+    own.write_text(json.dumps({"rows": [{"provider": "openai", "models": ["gpt-4o-mini*"],
+                                         "inference_retires": "2027-02-01", "source": "ours", "checked": "2026-12-03"}]}))
+    config = load_config(env={"FINE_TUNING_RETIREMENT_TABLE": str(own)})
+    table = retirement.table_for(config)
+    assert table.lookup(OPENAI_FT).inference_retires == date(2027, 2, 1)
+    assert table.lookup("gpt-3.5-turbo-0125").training_retires is None  # not in our table
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"rows": [{"provider": "openai"}]}')
+    with pytest.raises(ConfigError, match=r"retirement.table_file .*broken.json"):
+        retirement.table_for(load_config(env={"FINE_TUNING_RETIREMENT_TABLE": str(broken)}))
