@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,17 @@ KEY = "fine_tuning:routing:{model_type}"
 log = logging.getLogger(__name__)
 # Retired models already reported by this process's choose_model (one log line each).
 _reported_retired: set[str] = set()
+# The last routing each model type was read with, per Redis server: what choose_model serves
+# while Redis cannot be read. Bounded: a process reads a handful of model types.
+_last_read: OrderedDict[tuple[str, str], Routing | None] = OrderedDict()
+_LAST_READ_MAX = 64
+# Model types whose Redis outage choose_model has already logged (cleared when Redis answers).
+_outage_logged: set[tuple[str, str]] = set()
+# After a failed read, Redis is not asked again for this long (monotonic deadline per key): a
+# default redis-py client spends seconds retrying each call, and the agent must not wait that
+# long on every request of an outage.
+REDIS_RETRY_SECONDS = 5.0
+_skip_until: dict[tuple[str, str], float] = {}
 
 
 @dataclass(frozen=True)
@@ -135,9 +147,11 @@ def choose_model(
     """The model the agent should use for this request (``default`` when no routing is set).
 
     Deterministic by ``request_id``; over many requests the candidate's share matches the split.
-    A model past its retirement is never returned (see :meth:`Routing.serving`).
+    A model past its retirement is never returned (see :meth:`Routing.serving`). Never raises
+    for Redis: while it cannot be read, the last routing this process read is served (else
+    ``default``, the agent's champion), and the outage is logged once.
     """
-    routing = get_routing(client, model_type)
+    routing = _read_or_remember(client, model_type)
     if routing is None:
         return default
     arm = arm_for(routing, request_id)
@@ -145,3 +159,41 @@ def choose_model(
         routing.candidate_model if arm == "candidate" and routing.candidate_model else routing.baseline_model
     )
     return routing.serving(model, time.time() if now is None else now, default)
+
+
+def _server(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}/{kwargs.get('db', 0)}"
+
+
+def _read_or_remember(client: redis.Redis, model_type: str) -> Routing | None:
+    """The live routing; while Redis cannot be read, the last one read from it (or None)."""
+    import redis as redis_lib
+
+    key = (_server(client), model_type)
+    if time.monotonic() < _skip_until.get(key, 0.0):
+        return _last_read.get(key)
+    try:
+        routing = get_routing(client, model_type)
+    except redis_lib.RedisError as exc:
+        _skip_until[key] = time.monotonic() + REDIS_RETRY_SECONDS
+        remembered = _last_read.get(key)
+        if key not in _outage_logged:
+            _outage_logged.add(key)
+            log.error(
+                "routing of %s unreadable (%s: %s): serving %s until Redis answers",
+                model_type,
+                type(exc).__name__,
+                exc,
+                "the last routing read" if remembered else "the agent's default model",
+            )
+        return remembered
+    _skip_until.pop(key, None)
+    if key in _outage_logged:
+        _outage_logged.discard(key)
+        log.warning("routing of %s readable again", model_type)
+    _last_read[key] = routing
+    _last_read.move_to_end(key)
+    while len(_last_read) > _LAST_READ_MAX:
+        _last_read.popitem(last=False)
+    return routing
