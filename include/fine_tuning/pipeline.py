@@ -326,6 +326,23 @@ def register(
     return manifest
 
 
+def champion_or_record(config: PipelineConfig) -> str | None:
+    """The champion's model: MLflow's ``champion`` alias, or, when MLflow cannot answer, the
+    pipeline's own record of the model at 100% (the last completed rollout).
+
+    :raises ChampionUnknown: MLflow cannot answer and no rollout ever completed: the step fails
+        (and is retried) rather than take the configured model for the champion.
+    """
+    try:
+        return registry.champion_model(config)
+    except registry.ChampionUnknown as exc:
+        recorded = rollout.serving_model(config, config.evaluation.model_type)
+        if recorded is None:
+            raise
+        log.error("%s; using the pipeline's record of the model at 100%%: %s", exc, recorded)
+        return recorded
+
+
 def baseline_model(
     config: PipelineConfig,
     table: retirement.RetirementTable | None = None,
@@ -336,7 +353,7 @@ def baseline_model(
     """This week's baseline: the MLflow champion's model if there is one, else the configured
     model; one past its inference retirement is replaced by the serving fallback (unless
     ``substitute`` is False: the model serving today, retired or not)."""
-    served = registry.champion_model(config) or configured_model(config)
+    served = champion_or_record(config) or configured_model(config)
     if not substitute:
         return served
     table = table or retirement_table(config)

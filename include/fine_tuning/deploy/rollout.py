@@ -78,6 +78,18 @@ def active_deployments(config: PipelineConfig) -> list[str]:
         ]
 
 
+def serving_model(config: PipelineConfig, model_type: str) -> str | None:
+    """The model the pipeline's own record says serves 100% of ``model_type``: the candidate of
+    the last completed rollout (None when no rollout ever completed)."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        row = conn.execute(
+            "SELECT candidate_model FROM deployments WHERE model_type = %s AND status = 'completed'"
+            " ORDER BY finished_at DESC LIMIT 1",
+            (model_type,),
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def rollback_target(config: PipelineConfig, model_type: str) -> str | None:
     """The model an active rollout of ``model_type`` would roll back to (None: no rollout)."""
     with db.connect(config.services.database_url.get_secret_value()) as conn:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fine_tuning.config import PipelineConfig
-from fine_tuning.infra.breakers import get_breaker
+from fine_tuning.infra.breakers import CircuitOpenError, get_breaker
 from fine_tuning.manifests import (
     CollectManifest,
     JobResult,
@@ -417,15 +417,35 @@ def demote_candidate(config: PipelineConfig, version: str, reason: str) -> None:
         pass
 
 
+class ChampionUnknown(RuntimeError):
+    """MLflow could not say who the champion is (unreachable, erroring): not "no champion"."""
+
+
 def champion_model(config: PipelineConfig) -> str | None:
-    """The model id behind the ``champion`` alias (None when there is no champion yet)."""
+    """The model id behind the ``champion`` alias (None when there is no champion yet).
+
+    :raises ChampionUnknown: MLflow did not answer the question (down, a 5xx, its breaker
+        open): the caller must not take that for "no champion" and route to a default.
+    """
     from mlflow.exceptions import MlflowException
 
     client = make_client(config)
+    name = config.mlflow.registered_model_name
     try:
-        version = client.get_model_version_by_alias(config.mlflow.registered_model_name, CHAMPION_ALIAS)
-    except MlflowException:
-        return None
+        version = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as exc:
+        # No registered model, or no such alias on it: there is no champion (yet).
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in exc.message
+        ):
+            return None
+        raise ChampionUnknown(
+            f"MLflow could not say which version of {name!r} is the champion: {exc}"
+        ) from exc
+    except CircuitOpenError as exc:
+        raise ChampionUnknown(
+            f"MLflow could not say which version of {name!r} is the champion: {exc}"
+        ) from exc
     return version.tags.get("fine_tuned_model") or None
 
 
