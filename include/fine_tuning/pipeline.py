@@ -26,6 +26,7 @@ from fine_tuning.deploy import rollout
 from fine_tuning.deploy.serving import serve_adapters
 from fine_tuning.evaluate import ab
 from fine_tuning.infra import metrics
+from fine_tuning.infra.cache import MetricsCache
 from fine_tuning.infra.health import HealthReport, check_health, emit_report
 from fine_tuning.infra.redis import redis_client
 from fine_tuning.manifests import (
@@ -564,7 +565,45 @@ def health(config: PipelineConfig, *, emit_metrics: bool = False) -> HealthRepor
     report = report.with_models(models)
     if emit_metrics:
         emit_report(config, report)
+        _emit_cache_hit_rate(config)
     return report
+
+
+def _emit_cache_hit_rate(config: PipelineConfig) -> None:
+    """The metrics cache's hit rate over every process (its counts are shared in Redis)."""
+    stats = MetricsCache.from_config(config, on_lookup=lambda _hit: None).stats()
+    if (
+        stats.shared_hits is not None
+        and stats.shared_misses is not None
+        and stats.shared_hits + stats.shared_misses
+    ):
+        metrics.get_metrics(config).cache_hit_rate(stats.shared_hit_rate or 0.0)
+
+
+SERVING_WINDOW = timedelta(hours=1)
+
+
+def emit_serving_metrics(config: PipelineConfig, client: Any, now: datetime) -> dict[str, Any] | None:
+    """The model serving the evaluated type (the routing's baseline: the champion), over the last
+    hour of its posts, as ``variant="champion"`` gauges: what ``ModelPerformanceDegradation``
+    watches between A/B tests. Returns the metrics sent (None: no posts in the window)."""
+    model_type = config.evaluation.model_type
+    serving = (get_routing(client, model_type) or _no_routing(config)).baseline_model
+    aggregates = ab.arm_aggregates(
+        config.services.database_url.get_secret_value(), serving, "", now - SERVING_WINDOW, now
+    )
+    champion = ab.summaries(aggregates)["baseline"]
+    if not champion["sample_size"]:
+        log.warning("no posts of the serving model %s in the last hour: no champion metrics sent", serving)
+        return None
+    emitter = metrics.get_metrics(config)
+    if champion["engagement_rate"] is not None:
+        emitter.model_engagement_rate(champion["engagement_rate"], variant="champion")
+    if champion["cost_per_token"] is not None:
+        emitter.model_cost_per_token(champion["cost_per_token"], variant="champion")
+    if champion["quality_score"] is not None:
+        emitter.model_quality_score(champion["quality_score"], variant="champion")
+    return {"model": serving, **champion}
 
 
 def watch_rollouts(config: PipelineConfig, ctx: RunContext) -> RolloutWatchManifest:
@@ -572,6 +611,7 @@ def watch_rollouts(config: PipelineConfig, ctx: RunContext) -> RolloutWatchManif
     take any model past its inference retirement out of the routing."""
     client = redis_client(config)
     _, problems = enforce_retirements(config, client, clock.now_utc())
+    emit_serving_metrics(config, client, clock.now_utc())
     results = [
         deployment_manifest(rollout.watch(config, client, deployment_id, clock.now_utc()))
         for deployment_id in rollout.active_deployments(config)
