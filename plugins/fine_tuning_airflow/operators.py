@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.sdk import BaseOperator
 
@@ -101,12 +101,15 @@ class FineTuningStepOperator(CircuitBreakerOperator):
     def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from fine_tuning.evaluate.ab import RoutingOwned
         from fine_tuning.pipeline import CandidateRejected, InsufficientDataError, run_step
         from fine_tuning.step_graph import STEP_INPUTS, task_id
 
         inputs = {name: context["ti"].xcom_pull(task_ids=task_id(name)) for name in STEP_INPUTS[self.step]}
         try:
             manifest = run_step(self.step, config, run_context(context), inputs)
+        except RoutingOwned as exc:
+            self._wait_for_routing(exc)
         except InsufficientDataError as exc:
             raise AirflowSkipException(f"not enough training data: {exc}") from exc
         except CandidateRejected as exc:
@@ -114,6 +117,23 @@ class FineTuningStepOperator(CircuitBreakerOperator):
         except Exception as exc:
             raise _fail_fast(exc) from exc
         return manifest.model_dump(mode="json")
+
+    # While another A/B test or a rollout owns the routing, ab_create looks again this often,
+    # deferred in the triggerer (Airflow's own DateTimeTrigger): no worker slot is held.
+    ROUTING_POLL = timedelta(minutes=15)
+
+    def _wait_for_routing(self, exc: Exception) -> NoReturn:
+        from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+        self.log.warning("%s; looking again in %s", exc, self.ROUTING_POLL)
+        self.defer(
+            trigger=DateTimeTrigger(moment=datetime.now(UTC) + self.ROUTING_POLL),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: Any = None) -> dict[str, Any]:
+        """After waiting for the routing's owner: try the step again (it is idempotent)."""
+        return self.execute(context)
 
 
 class WaitForFineTuningJobOperator(CircuitBreakerOperator):

@@ -34,6 +34,36 @@ class ABTestError(RuntimeError):
     """An A/B test cannot be created or evaluated as asked; the message says why."""
 
 
+class RoutingOwned(ABTestError):
+    """Another A/B test or a rollout owns the routing of this model type: a new test waits.
+
+    The policy: one owner of the routing per model type. An A/B test owns it from its creation
+    until it is decided or aborted; a rollout from its start until it completes or is rolled
+    back. A second writer would replace the owner's split (and break its sample ratio), so a
+    new A/B test is refused until the owner is done: the weekly DAG's ``ab_create`` defers and
+    tries again, the API answers 409 naming the owner.
+    """
+
+    def __init__(self, model_type: str, owner: str) -> None:
+        super().__init__(f"the {model_type} routing is owned by {owner}: a new A/B test waits until it ends")
+        self.model_type = model_type
+        self.owner = owner
+
+
+def routing_owner(conn: Any, model_type: str) -> str | None:
+    """Who owns the routing of ``model_type`` now: a running A/B test or an active rollout."""
+    row = conn.execute(
+        """
+        SELECT 'A/B test ' || id FROM ab_tests WHERE model_type = %(type)s AND status = 'running'
+        UNION ALL
+        SELECT 'rollout ' || id FROM deployments WHERE model_type = %(type)s AND status = 'rolling_out'
+        LIMIT 1
+        """,
+        {"type": model_type},
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 class UnknownABTest(LookupError):
     """No A/B test with this id."""
 
@@ -254,6 +284,14 @@ def create_ab_test(
         )
     planned_end = now + duration
     with db.connect(database_url) as conn, conn.transaction():
+        # One owner of the routing per model type, enforced here, where it is written: the lock
+        # makes two concurrent creations take turns, and the second sees the first as owner.
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('fine_tuning:routing:' || %s))", (evaluation.model_type,)
+        )
+        owner = routing_owner(conn, evaluation.model_type)
+        if owner is not None:
+            raise RoutingOwned(evaluation.model_type, owner)
         conn.execute(
             """
             INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, candidate_version,
