@@ -471,6 +471,8 @@ def test_deploy_is_idempotent_per_test_and_one_rollout_per_model_type(
     from fine_tuning.infra.redis import redis_client
 
     first = _promoted_ab_test(client, admin, services["pg_url"], CANDIDATE)
+    # Decided before the first rollout starts: no one owns the routing when it is created.
+    second = _promoted_ab_test(client, admin, services["pg_url"], "ft:gpt-3.5-turbo:threads:other")
     config = load_config()
     with ThreadPoolExecutor(4) as pool:
         records = list(pool.map(lambda _: rollout.deploy(config, redis_client(config), first, now_utc()), range(4)))
@@ -478,7 +480,10 @@ def test_deploy_is_idempotent_per_test_and_one_rollout_per_model_type(
     with psycopg.connect(services["pg_url"]) as conn:
         assert conn.execute("SELECT count(*) FROM deployments WHERE ab_test_id = %s", (first,)).fetchone()[0] == 1
 
-    second = _promoted_ab_test(client, admin, services["pg_url"], "ft:gpt-3.5-turbo:threads:other")
+    # While the rollout is live it owns the routing: a new A/B test is refused, naming it.
+    owned = client.post("/pipeline/evaluation/create-ab-test", json=AB_BODY, headers=admin)
+    assert owned.status_code == 409, owned.text
+    assert owned.json()["detail"].startswith(f"the body routing is owned by rollout {records[0]['id']}")
     body = {
         "model_version": {"model_id": "ft:gpt-3.5-turbo:threads:other"},
         "evaluation_result": {"ab_test_id": second, "recommendation": "promote", "safety_checks_passed": True},
