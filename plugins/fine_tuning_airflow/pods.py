@@ -201,6 +201,8 @@ def step_pod(step: str, **kwargs: Any):  # -> StepPodOperator (a KubernetesPodOp
             *overrides.get("volume_mounts", []),
         ],
         service_account_name=settings["service_account"],
+        # The steps call no Kubernetes API (deploy/kubernetes/: the account has no Role).
+        automount_service_account_token=False,
         security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=50000, fs_group=0),
         labels={"app.kubernetes.io/name": "fine-tuning-pipeline", "fine-tuning/step": step},
         do_xcom_push=True,
