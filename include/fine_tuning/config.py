@@ -293,6 +293,10 @@ class BreakersConfig(_Section):
 class CacheConfig(_Section):
     enabled: bool = True
     ttl_seconds: int = Field(300, ge=1)
+    # After its TTL an entry is still served, at most this long, while one caller refreshes it
+    # in the background (stale-while-revalidate): a reader never waits for a recompute of an
+    # entry it has. 0: an expired entry is a miss. An answer is at most TTL + this old.
+    stale_seconds: int = Field(300, ge=0)
     key_prefix: str = Field("fine_tuning:cache", min_length=1)
 
 
@@ -537,6 +541,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "FINE_TUNING_BREAKERS_ENABLED": ("breakers", "enabled"),
     "FINE_TUNING_BREAKER_KEY_PREFIX": ("breakers", "key_prefix"),
     "FINE_TUNING_CACHE_TTL_SECONDS": ("cache", "ttl_seconds"),
+    "FINE_TUNING_CACHE_STALE_SECONDS": ("cache", "stale_seconds"),
 }
 
 
