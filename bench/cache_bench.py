@@ -261,6 +261,9 @@ def _run_mode(mode: str, env: dict[str, str], test_ids: list[str], settings: dic
     latencies = np.array([r[0] for r in reads]) * 1000
     hits = sum(1 for r in reads if r[1])
     ages = np.array([r[2] for r in reads])
+    # The reads the cache answered, apart: a miss waits for the aggregates by nature (a new key:
+    # the first read of a test, a new look); a hit should never wait for a recompute.
+    hit_latencies = np.array([r[0] for r in reads if r[1]] or [0.0]) * 1000
     return {
         "mode": mode,
         "reads": len(reads),
@@ -271,6 +274,8 @@ def _run_mode(mode: str, env: dict[str, str], test_ids: list[str], settings: dic
         "p99_ms": round(float(np.percentile(latencies, 99)), 2),
         "max_ms": round(float(latencies.max()), 2),
         "mean_ms": round(float(latencies.mean()), 2),
+        "hits_p99_ms": round(float(np.percentile(hit_latencies, 99)), 2),
+        "misses": len(reads) - hits,
         # How old the answers were (real seconds; x speedup for simulated): bounded by TTL + stale.
         "answer_age_p99_s": round(float(np.percentile(ages, 99)), 2),
         "answer_age_max_s": round(float(ages.max()), 2),
@@ -360,7 +365,9 @@ def main() -> None:
     ttl = max(1, round(SIM_TTL_SECONDS / settings["speedup"]))
     settings["ttl_real_seconds"] = ttl
     # Stale-while-revalidate window (cache.stale_seconds), simulated; 0 is the cache without it.
-    settings["stale_sim_seconds"] = _harness.env_int("BENCH_CACHE_STALE_SIM_SECONDS", 300)
+    settings["stale_sim_seconds"] = int(os.environ.get("BENCH_CACHE_STALE_SIM_SECONDS", "300"))
+    if settings["stale_sim_seconds"] < 0:
+        raise SystemExit("BENCH_CACHE_STALE_SIM_SECONDS must be >= 0")
     stale = round(settings["stale_sim_seconds"] / settings["speedup"])
     settings["stale_real_seconds"] = stale
     info = _harness.machine()
@@ -396,7 +403,8 @@ def main() -> None:
                 row["product_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
                 rows.append(row)
                 print(f"  {mode}: {row['reads']:,} reads, hit rate {row['hit_rate']:.1%}, "
-                      f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms", flush=True)
+                      f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+                      f"p99 of hits {row['hits_p99_ms']:.1f} ms", flush=True)
             os.environ["AIRFLOW_HOME"] = str(workdir / "airflow")
             # The clock of the end of a run (the tests are still running then).
             at = SIM_START + timedelta(seconds=settings["seconds"] * settings["speedup"])

@@ -315,6 +315,10 @@ class MonitoringConfig(_Section):
     statsd_prefix: str = Field("fine_tuning", pattern=r"^[A-Za-z0-9_]*$")
     # Per-dependency timeout of the health check (a probe must answer in seconds).
     health_timeout_seconds: float = Field(3.0, gt=0, le=60)
+    # The dependency probes' results are reused this long by /pipeline/health and /metrics
+    # (one scrape in this window probes; the others read its answer, which says its age): a
+    # scrape every few seconds must not make an authenticated OpenAI call each time. 0: every call.
+    health_cache_seconds: float = Field(10.0, ge=0, le=300)
     # Dependencies whose failure makes the check unhealthy (503); the others only degrade it:
     # breakers fall back to per-process state without Redis, OpenAI is guarded by its breaker.
     required_components: list[Component] = Field(default_factory=lambda: list(DEFAULT_REQUIRED))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -76,16 +77,73 @@ class Migration:
         return [statement.strip() for statement in code.split(";") if statement.strip()]
 
 
-def connect(database_url: str, **kw: Any) -> psycopg.Connection[Any]:
-    """Open a connection; ``kw`` goes to :func:`psycopg.connect` (e.g. ``autocommit=True``).
+def connect(database_url: str, **kw: Any) -> Any:
+    """A connection, used as ``with db.connect(url) as conn:``; ``kw`` goes to
+    :func:`psycopg.connect` (e.g. ``autocommit=True``).
 
     A connect timeout and an ``application_name`` are set by default so that a stuck database
     fails the task instead of hanging it, and so the pipeline's sessions are visible in
-    ``pg_stat_activity``.
+    ``pg_stat_activity``. In a long-lived process that called :func:`use_pools` (the API
+    server, the triggerer), a plain ``connect(url)`` borrows from the process's pool for that
+    URL instead (returned at the end of the ``with``, committed or rolled back as a connection
+    would be); a task's short process opens its own.
     """
+    if _POOL_SIZES is not None and not kw:
+        return _pool_for(database_url).connection()
     kw.setdefault("connect_timeout", 10)
     kw.setdefault("application_name", "fine_tuning")
     return psycopg.connect(database_url, **kw)
+
+
+# (min, max) connections per pool once use_pools() was called; None: no pooling (a task).
+_POOL_SIZES: tuple[int, int] | None = None
+_POOLS: dict[str, Any] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def use_pools(min_size: int = 2, max_size: int = 10) -> None:
+    """Make this process borrow its connections from a pool per database URL (the seed's 2-10
+    per process). For processes that live long and serve many short requests."""
+    global _POOL_SIZES  # noqa: PLW0603 - one switch per process, set once by its entry point
+    if (min_size, max_size) == _POOL_SIZES:
+        return
+    if not 1 <= min_size <= max_size:
+        raise ValueError(f"pool sizes must satisfy 1 <= min <= max, got {min_size}, {max_size}")
+    _POOL_SIZES = (min_size, max_size)
+
+
+def _pool_for(database_url: str) -> Any:
+    from psycopg_pool import ConnectionPool
+
+    with _POOLS_LOCK:
+        pool = _POOLS.get(database_url)
+        if pool is None:
+            assert _POOL_SIZES is not None
+            pool = ConnectionPool(
+                database_url,
+                min_size=_POOL_SIZES[0],
+                max_size=_POOL_SIZES[1],
+                kwargs={"connect_timeout": 10, "application_name": "fine_tuning"},
+                # A borrower waits this long for a free connection, then fails (PoolTimeout).
+                timeout=30,
+                name="fine_tuning",
+                open=True,
+            )
+            _POOLS[database_url] = pool
+        return pool
+
+
+def pool_stats() -> dict[str, int] | None:
+    """This process's PostgreSQL pools, summed (None when it does not pool): connections in use,
+    idle in the pool, and the most it may open."""
+    if _POOL_SIZES is None:
+        return None
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    stats = [pool.get_stats() for pool in pools]
+    size = sum(s.get("pool_size", 0) for s in stats)
+    idle = sum(s.get("pool_available", 0) for s in stats)
+    return {"active": size - idle, "idle": idle, "max": _POOL_SIZES[1] * max(len(pools), 1)}
 
 
 def one_row(cursor: psycopg.Cursor[Any]) -> Any:
