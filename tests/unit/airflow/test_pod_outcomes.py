@@ -161,3 +161,21 @@ def test_the_pod_writes_its_reason_where_kubernetes_reads_it() -> None:
     assert env["FINE_TUNING_TERMINATION_LOG"] == "/dev/termination-log"
     # The Kubernetes default path, so no terminationMessagePath needs setting.
     assert container.termination_message_path in (None, "/dev/termination-log")
+
+
+def test_the_weekly_dag_in_kubernetes_mode_guards_every_step_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DAG files as the Helm deployment parses them: every step a guarded pod, and the DAG
+    serializes (the scheduler stores it) with them."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from support import REPO
+
+    monkeypatch.setenv("FINE_TUNING_MODE", "kubernetes")
+    bag = DagBag(str(REPO / "dags"))
+    assert not bag.import_errors
+    dag = bag.dags["weekly_fine_tuning"]
+    pods = {t.task_id for t in dag.tasks if isinstance(t, StepPodOperator)}
+    assert pods == {"collect", "upload", "train", "register", "ab_create", "deploy"}
+    back = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert {t.task_id for t in back.tasks if t.task_type == "StepPodOperator"} == pods
