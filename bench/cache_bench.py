@@ -25,6 +25,9 @@ every test, a hit serves exactly what the miss computed, and a read straight fro
 equals it (floats to 1e-9: a parallel plan's float sums differ in the last bits between runs).
 Writes ``cache.json``.
 
+The cache serves an expired entry for ``cache.stale_seconds`` more while one reader refreshes it
+(BENCH_CACHE_STALE_SIM_SECONDS, default 300 simulated; 0 measures the cache without it).
+
 Environment (besides _harness's): BENCH_CACHE_POSTS (default 1M, capped by BENCH_MAX_POSTS),
 BENCH_CACHE_TESTS (4), BENCH_CACHE_READERS (32), BENCH_CACHE_PROCESSES (4),
 BENCH_CACHE_THINK_SECONDS (0.5), BENCH_CACHE_SECONDS (60), BENCH_CACHE_SPEEDUP (60).
@@ -91,7 +94,7 @@ def reader_process(test_ids: list[str], threads: int, think_seconds: float, spee
     print("ready", flush=True)
     go_wall, stop_wall = (float(x) for x in sys.stdin.readline().split())
     fine_tuning.clock.now_utc = lambda: _sim_now(go_wall, speedup)  # type: ignore[assignment]
-    reads: list[list[Any]] = []  # [latency seconds, cached]
+    reads: list[list[Any]] = []  # [latency seconds, cached, age of the answer in seconds]
     lock = threading.Lock()
 
     def poll(seed: int) -> None:
@@ -101,7 +104,7 @@ def reader_process(test_ids: list[str], threads: int, think_seconds: float, spee
         while time.time() < stop_wall:
             started = time.perf_counter()
             response = read_metrics(rng.choice(test_ids))
-            mine.append([time.perf_counter() - started, response.cached])
+            mine.append([time.perf_counter() - started, response.cached, response.age_seconds])
             time.sleep(think_seconds)
         with lock:
             reads.extend(mine)
@@ -115,10 +118,10 @@ def reader_process(test_ids: list[str], threads: int, think_seconds: float, spee
     print(json.dumps({"reads": reads, "peak_rss_mb": _harness.peak_rss_mib()}), flush=True)
 
 
-def _config_file(directory: Path, mode: str, key_prefix: str, ttl_seconds: int) -> Path:
+def _config_file(directory: Path, mode: str, key_prefix: str, ttl_seconds: int, stale_seconds: int) -> Path:
     path = directory / f"{mode}.json"
     path.write_text(json.dumps({
-        "cache": {"key_prefix": key_prefix},
+        "cache": {"key_prefix": key_prefix, "stale_seconds": stale_seconds},
         "evaluation": {"metrics_cache_ttl_seconds": ttl_seconds},
         # StatsD off: tests may listen on loopback for the pipeline's metrics.
         "monitoring": {"statsd_enabled": False},
@@ -257,6 +260,10 @@ def _run_mode(mode: str, env: dict[str, str], test_ids: list[str], settings: dic
         raise RuntimeError(f"{mode}: no reads completed in {settings['seconds']} s")
     latencies = np.array([r[0] for r in reads]) * 1000
     hits = sum(1 for r in reads if r[1])
+    ages = np.array([r[2] for r in reads])
+    # The reads the cache answered, apart: a miss waits for the aggregates by nature (a new key:
+    # the first read of a test, a new look); a hit should never wait for a recompute.
+    hit_latencies = np.array([r[0] for r in reads if r[1]] or [0.0]) * 1000
     return {
         "mode": mode,
         "reads": len(reads),
@@ -267,6 +274,11 @@ def _run_mode(mode: str, env: dict[str, str], test_ids: list[str], settings: dic
         "p99_ms": round(float(np.percentile(latencies, 99)), 2),
         "max_ms": round(float(latencies.max()), 2),
         "mean_ms": round(float(latencies.mean()), 2),
+        "hits_p99_ms": round(float(np.percentile(hit_latencies, 99)), 2),
+        "misses": len(reads) - hits,
+        # How old the answers were (real seconds; x speedup for simulated): bounded by TTL + stale.
+        "answer_age_p99_s": round(float(np.percentile(ages, 99)), 2),
+        "answer_age_max_s": round(float(ages.max()), 2),
         "reader_peak_rss_mb": round(max(peak_rss), 1),
         "redis_given_up_logged": redis_given_up,
         "metric_changes": writer.changes,
@@ -298,7 +310,9 @@ def _check_cached_equals_direct(
         if miss.cached or not hit.cached or direct.cached:
             raise AssertionError(f"{ab_test_id}: expected miss, hit, direct; got cached={miss.cached}, "
                                  f"{hit.cached}, {direct.cached}")
-        miss_body, hit_body, direct_body = (r.model_dump(exclude={"cached"}) for r in (miss, hit, direct))
+        miss_body, hit_body, direct_body = (
+            r.model_dump(exclude={"cached", "age_seconds"}) for r in (miss, hit, direct)
+        )
         if hit_body != miss_body:
             raise AssertionError(f"{ab_test_id}: the cache served\n{hit_body}\nfor the computed\n{miss_body}")
         largest_difference = max(largest_difference, _relative_difference(hit_body, direct_body, ab_test_id))
@@ -350,6 +364,12 @@ def main() -> None:
     settings["processes"] = min(settings["processes"], settings["readers"])
     ttl = max(1, round(SIM_TTL_SECONDS / settings["speedup"]))
     settings["ttl_real_seconds"] = ttl
+    # Stale-while-revalidate window (cache.stale_seconds), simulated; 0 is the cache without it.
+    settings["stale_sim_seconds"] = int(os.environ.get("BENCH_CACHE_STALE_SIM_SECONDS", "300"))
+    if settings["stale_sim_seconds"] < 0:
+        raise SystemExit("BENCH_CACHE_STALE_SIM_SECONDS must be >= 0")
+    stale = round(settings["stale_sim_seconds"] / settings["speedup"])
+    settings["stale_real_seconds"] = stale
     info = _harness.machine()
     print(_harness.machine_line(info))
     posts_per_test = max(1, settings["posts"] // settings["tests"])
@@ -360,8 +380,8 @@ def main() -> None:
         key_prefix = f"bench:{os.getpid()}:{int(time.time())}:cache"
         cache = MetricsCache(_harness.REDIS_URL, key_prefix=key_prefix)
         files = {
-            "cache": _config_file(workdir, "cache", key_prefix, ttl),
-            "direct": _config_file(workdir, "direct", key_prefix, 0),
+            "cache": _config_file(workdir, "cache", key_prefix, ttl, stale),
+            "direct": _config_file(workdir, "direct", key_prefix, 0, stale),
         }
         os.environ.update({"DATABASE_URL": url, "REDIS_URL": _harness.REDIS_URL})
         try:
@@ -383,7 +403,8 @@ def main() -> None:
                 row["product_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
                 rows.append(row)
                 print(f"  {mode}: {row['reads']:,} reads, hit rate {row['hit_rate']:.1%}, "
-                      f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms", flush=True)
+                      f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+                      f"p99 of hits {row['hits_p99_ms']:.1f} ms", flush=True)
             os.environ["AIRFLOW_HOME"] = str(workdir / "airflow")
             # The clock of the end of a run (the tests are still running then).
             at = SIM_START + timedelta(seconds=settings["seconds"] * settings["speedup"])
@@ -402,7 +423,9 @@ def main() -> None:
           r["redis_given_up_logged"]) for r in rows],
         notes=[
             f"{settings['posts']:,} posts ({posts_per_test:,} per test, +{posts_per_change} per test every 3 "
-            f"simulated minutes); TTL {SIM_TTL_SECONDS} s simulated = {ttl} s real; "
+            f"simulated minutes); TTL {SIM_TTL_SECONDS} s simulated = {ttl} s real, stale-while-revalidate "
+            f"{settings['stale_sim_seconds']} s simulated = {stale} s real (answers' age p99 "
+            f"{rows[0]['answer_age_p99_s']} s, max {rows[0]['answer_age_max_s']} s real); "
             f"think time {settings['think_seconds']} s real",
             "a read is the endpoint function: the test's row from PostgreSQL (also on a hit), then Redis, "
             "or on a miss the aggregates and the analysis",

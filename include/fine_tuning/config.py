@@ -316,6 +316,10 @@ class BreakersConfig(_Section):
 class CacheConfig(_Section):
     enabled: bool = True
     ttl_seconds: int = Field(300, ge=1)
+    # After its TTL an entry is still served, at most this long, while one caller refreshes it
+    # in the background (stale-while-revalidate): a reader never waits for a recompute of an
+    # entry it has. 0: an expired entry is a miss. An answer is at most TTL + this old.
+    stale_seconds: int = Field(300, ge=0)
     key_prefix: str = Field("fine_tuning:cache", min_length=1)
 
 
@@ -334,6 +338,10 @@ class MonitoringConfig(_Section):
     statsd_prefix: str = Field("fine_tuning", pattern=r"^[A-Za-z0-9_]*$")
     # Per-dependency timeout of the health check (a probe must answer in seconds).
     health_timeout_seconds: float = Field(3.0, gt=0, le=60)
+    # The dependency probes' results are reused this long by /pipeline/health and /metrics
+    # (one scrape in this window probes; the others read its answer, which says its age): a
+    # scrape every few seconds must not make an authenticated OpenAI call each time. 0: every call.
+    health_cache_seconds: float = Field(10.0, ge=0, le=300)
     # Dependencies whose failure makes the check unhealthy (503); the others only degrade it:
     # breakers fall back to per-process state without Redis, OpenAI is guarded by its breaker.
     required_components: list[Component] = Field(default_factory=lambda: list(DEFAULT_REQUIRED))
@@ -609,6 +617,7 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "FINE_TUNING_BREAKERS_ENABLED": ("breakers", "enabled"),
     "FINE_TUNING_BREAKER_KEY_PREFIX": ("breakers", "key_prefix"),
     "FINE_TUNING_CACHE_TTL_SECONDS": ("cache", "ttl_seconds"),
+    "FINE_TUNING_CACHE_STALE_SECONDS": ("cache", "stale_seconds"),
 }
 
 

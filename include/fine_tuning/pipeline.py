@@ -45,9 +45,9 @@ from fine_tuning.manifests import (
     write_manifest,
 )
 from fine_tuning.routing import Routing, get_routing
-from fine_tuning.step_graph import INPUT_TYPES, STEP_INPUTS
+from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, INPUT_TYPES, STEP_INPUTS
 from fine_tuning.track import registry
-from fine_tuning.train.providers import FineTuningJobFailed, get_provider, job_metadata
+from fine_tuning.train.providers import FineTuningJobFailed, TrainingRefusedError, get_provider, job_metadata
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,25 @@ class CandidateRejected(RuntimeError):
 
 class CostLimitExceeded(RuntimeError):
     """The estimated training cost is over ``training.max_training_cost_usd``."""
+
+
+# Refusals no retry can fix: the task fails at once (exit 3 in a pod) instead of asking again.
+REFUSALS: tuple[type[Exception], ...] = (
+    CostLimitExceeded,
+    TrainingRefusedError,
+    retirement.TrainingRetiredError,
+)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """What a step's failure means, in both modes: refused (3) and bad input or configuration
+    (2, any ``ValueError``: ``ConfigError``, a manifest that does not validate) fail the task at
+    once; anything else (1) may be fixed by a retry."""
+    if isinstance(exc, REFUSALS):
+        return EXIT_REFUSED
+    if isinstance(exc, ValueError):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
 
 
 def run_dir(config: PipelineConfig, ctx: RunContext) -> Path:

@@ -17,9 +17,21 @@ from fine_tuning.manifests import (
     UploadManifest,
 )
 
-# The CLI's exit code for "skipped" (too little data, a rejected candidate): the pod's task is
-# marked skipped, not failed.
+# The CLI's exit codes, what the task does with each in both modes (the local operator raises
+# the matching Airflow exception; the pod operator maps the pod's exit code):
+# 1 a failure a retry may fix (an outage, a timeout): retried with backoff.
+EXIT_FAILED = 1
+# 2 bad input or configuration: failed at once, a retry would read the same input.
+EXIT_BAD_INPUT = 2
+# 3 a refusal no retry can fix (over the cost limit, a provider closed to new jobs): failed at once.
+EXIT_REFUSED = 3
+# 99 skipped (too little data, a rejected candidate): the task is marked skipped, not failed.
 EXIT_SKIPPED = 99
+# The exit codes that fail the task without spending its retries.
+FAIL_FAST_EXIT_CODES: dict[int, str] = {
+    EXIT_BAD_INPUT: "bad input or configuration",
+    EXIT_REFUSED: "refused, a retry cannot fix it",
+}
 
 # What each step reads: the manifests of these upstream steps, in this order.
 STEP_INPUTS: dict[str, tuple[str, ...]] = {

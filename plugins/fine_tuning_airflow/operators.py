@@ -51,13 +51,12 @@ def _fail_fast(exc: BaseException) -> BaseException:
     """Errors a retry cannot fix fail the task at once instead of burning its retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from fine_tuning.config import ConfigError
-    from fine_tuning.pipeline import CostLimitExceeded
-    from fine_tuning.retirement import TrainingRetiredError
-    from fine_tuning.train.providers import TrainingRefusedError
+    from fine_tuning.pipeline import exit_code_for
+    from fine_tuning.step_graph import FAIL_FAST_EXIT_CODES
 
-    if isinstance(exc, ConfigError | CostLimitExceeded | TrainingRefusedError | TrainingRetiredError):
-        return AirflowFailException(str(exc))
+    code = exit_code_for(exc)
+    if code in FAIL_FAST_EXIT_CODES:
+        return AirflowFailException(f"{FAIL_FAST_EXIT_CODES[code]} (exit {code}): {exc}")
     return exc
 
 
@@ -67,7 +66,7 @@ def _fail_fast(exc: BaseException) -> BaseException:
 PROVIDER_STEPS = frozenset({"upload", "train"})
 
 
-def _provider_breakers(config: PipelineConfig, provider: str | None = None) -> tuple[str, ...]:
+def provider_breakers(config: PipelineConfig, provider: str | None = None) -> tuple[str, ...]:
     """The breaker of the provider that trains this run (none for self-hosted training: an
     OpenAI outage must not stop it)."""
     from fine_tuning.train.providers import provider_class
@@ -93,7 +92,7 @@ class FineTuningStepOperator(CircuitBreakerOperator):
         self.openai_conn_id = openai_conn_id
 
     def breakers_for_task(self, config: PipelineConfig) -> Sequence[str]:
-        return _provider_breakers(config) if self.step in PROVIDER_STEPS else ()
+        return provider_breakers(config) if self.step in PROVIDER_STEPS else ()
 
     def pipeline_config(self, context: Context) -> PipelineConfig:
         return resolve_config(context, self.openai_conn_id)
@@ -165,7 +164,7 @@ class WaitForFineTuningJobOperator(CircuitBreakerOperator):
         return resolve_config(context, self.openai_conn_id)
 
     def breakers_for_task(self, config: PipelineConfig) -> Sequence[str]:
-        return _provider_breakers(config, self.provider)
+        return provider_breakers(config, self.provider)
 
     def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any] | None:
         from fine_tuning.train.providers import get_provider

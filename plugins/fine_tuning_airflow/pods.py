@@ -8,6 +8,11 @@ the path where the Airflow components have it (``FINE_TUNING_DATA_DIR``): the se
 trainer's status files, the datasets and the manifests are then the same files at the same
 absolute paths in a pod, a worker and the triggerer (tests/integration/test_deploy_files.py checks
 the Helm values against this).
+
+A step pod behaves as the local step does: :class:`StepPodOperator` checks the step's breakers
+before a pod is created (an open one fails the task, retried no sooner than it closes) and maps
+the pod's exit code (``fine_tuning.step_graph``): 99 skips, 2 and 3 fail without a retry, 1 and
+anything else go to the task's retries (see :mod:`fine_tuning_airflow.pod_operator`).
 """
 
 from __future__ import annotations
@@ -128,11 +133,12 @@ def selfhosted_train_overrides(settings: Any, image: str) -> dict[str, Any]:
 SELFHOSTED_OVERRIDES = {"collect": selfhosted_collect_overrides, "train": selfhosted_train_overrides}
 
 
-def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
-    """A KubernetesPodOperator for ``python -m fine_tuning STEP``."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+def step_pod(step: str, **kwargs: Any):  # -> StepPodOperator (a KubernetesPodOperator)
+    """A pod running ``python -m fine_tuning STEP``, guarded by the step's breakers."""
     from airflow.providers.cncf.kubernetes.secret import Secret
     from kubernetes.client import models as k8s
+
+    from fine_tuning_airflow.pod_operator import StepPodOperator
 
     settings = pod_settings()
     from fine_tuning.step_graph import task_id
@@ -149,7 +155,8 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
     for name in ("node_selector", "tolerations"):
         if overrides.get(name) is not None:
             kwargs.setdefault(name, overrides[name])
-    return KubernetesPodOperator(
+    return StepPodOperator(
+        step=step,
         task_id=task_id(step),
         name=f"fine-tuning-{step}",
         namespace=settings["namespace"],
@@ -164,6 +171,8 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
             # The chart's statsd_exporter (release "airflow"), where the steps' metrics go too.
             "STATSD_HOST": os.environ.get("STATSD_HOST", "airflow-statsd"),
             "STATSD_PORT": os.environ.get("STATSD_PORT", "9125"),
+            # The reason of a failure, read back by the operator into the task's error.
+            "FINE_TUNING_TERMINATION_LOG": "/dev/termination-log",
             **overrides.get("env_vars", {}),
         },
         # Every key of the secret the Airflow components read their environment from, as the
@@ -192,6 +201,8 @@ def step_pod(step: str, **kwargs: Any):  # -> KubernetesPodOperator
             *overrides.get("volume_mounts", []),
         ],
         service_account_name=settings["service_account"],
+        # The steps call no Kubernetes API (deploy/kubernetes/: the account has no Role).
+        automount_service_account_token=False,
         security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=50000, fs_group=0),
         labels={"app.kubernetes.io/name": "fine-tuning-pipeline", "fine-tuning/step": step},
         do_xcom_push=True,

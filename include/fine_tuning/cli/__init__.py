@@ -11,7 +11,11 @@ Examples::
 
 A step prints its manifest as JSON on stdout and, with ``--xcom-file`` (the
 KubernetesPodOperator's ``/airflow/xcom/return.json``), writes it there too. Exit codes: 0 done,
-99 skipped (too little data: the task is marked skipped), 2 bad input or configuration, 1 failed.
+99 skipped (too little data: the task is marked skipped), 2 bad input or configuration, 3 refused
+(over the cost limit, a provider closed to new jobs), 1 failed (a retry may fix it). The task
+fails at once on 2 and 3 (``fine_tuning.step_graph.FAIL_FAST_EXIT_CODES``). When
+``FINE_TUNING_TERMINATION_LOG`` names a file (the pod's ``/dev/termination-log``), the reason of a
+non-zero exit is written there too, so the task's error says why the pod failed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,12 +40,25 @@ from fine_tuning.pipeline import (
     CandidateRejected,
     InsufficientDataError,
     deployment_manifest,
+    exit_code_for,
     run_step,
 )
 from fine_tuning.pipeline import health as pipeline_health
-from fine_tuning.step_graph import EXIT_SKIPPED
+from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SKIPPED
 
-EXIT_BAD_INPUT = 2
+TERMINATION_LOG_ENV = "FINE_TUNING_TERMINATION_LOG"
+
+
+def _fail(code: int, message: str) -> int:
+    """Say why on stderr and, in a pod, in its termination message (Kubernetes keeps 4 KiB)."""
+    print(f"error: {message}", file=sys.stderr)
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if path:
+        try:
+            Path(path).write_text(f"exit {code}: {message}"[:4096])
+        except OSError as exc:  # the message is a courtesy; the exit code is the contract
+            logging.getLogger("fine_tuning").warning("cannot write %s: %s", path, exc)
+    return code
 
 
 def _parse_input(raw: str) -> tuple[str, str]:
@@ -125,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--params must be a JSON object, got {args.params!r}")
         config = load_config(getattr(args, "config_file", None), params=params)
     except (ConfigError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(EXIT_BAD_INPUT, str(exc))
 
     if args.command == "rollback":
         try:
@@ -158,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     except (InsufficientDataError, CandidateRejected) as exc:
         logging.getLogger("fine_tuning").warning("skipping the rest of the run: %s", exc)
         return EXIT_SKIPPED
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code == EXIT_FAILED:  # unexpected: the traceback goes to the pod's log
+            logging.getLogger("fine_tuning").exception("%s failed", args.command)
+        return _fail(code, f"{args.command}: {type(exc).__name__}: {exc}")
     text = manifest.to_json()
     if args.xcom_file:
         args.xcom_file.parent.mkdir(parents=True, exist_ok=True)

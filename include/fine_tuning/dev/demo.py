@@ -29,7 +29,7 @@ from urllib.parse import quote
 import psycopg
 import redis
 
-from fine_tuning.dev.devstack import Stack, local_stack
+from fine_tuning.dev.devstack import Stack, airflow_metadata_url, local_stack
 from fine_tuning.dev.seed import seed_posts
 from fine_tuning.dev.simulator import ModelBehaviour, simulate_traffic
 from fine_tuning.infra import db
@@ -58,11 +58,19 @@ def with_search_path(url: str, schema: str) -> str:
     return f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
 
 
-def airflow_env(stack: Stack, database_url: str, airflow_home: Path, data_dir: Path) -> dict[str, str]:
-    """The environment of a local Airflow pointed at the repo's DAGs, plugins and the local services."""
+def airflow_env(
+    stack: Stack, database_url: str, airflow_home: Path, data_dir: Path, metadata_url: str | None = None
+) -> dict[str, str]:
+    """The environment of a local Airflow pointed at the repo's DAGs, plugins and the local services.
+
+    :param metadata_url: Airflow's metadata database (``airflow_metadata_url``); None keeps
+        Airflow's SQLite in ``airflow_home`` (the tests' throwaway homes).
+    """
     venv_bin = str(Path(sys.executable).parent)
     connection = {"conn_type": "generic", "host": stack.openai_base_url, "password": "sk-demo-local"}
+    metadata = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url} if metadata_url else {}
     return {
+        **metadata,
         **os.environ,
         "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
         "AIRFLOW_HOME": str(airflow_home),
@@ -266,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         # The demo's own Redis database, emptied first: no routing left from an earlier demo.
         stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{DEMO_REDIS_DB}"
         redis.Redis.from_url(stack.redis_url).flushdb()
-        env = airflow_env(stack, database_url, workdir / "airflow", data_dir)
+        metadata_url = airflow_metadata_url(stack.database_url, "demo")
+        env = airflow_env(stack, database_url, workdir / "airflow", data_dir, metadata_url)
         env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
         subprocess.run(
             [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL

@@ -160,3 +160,29 @@ def local_stack(workdir: Path, stage_seconds: float = 1.0, fresh: bool = True) -
             emulator_admin_url=emulator.admin_url,
             workdir=workdir,
         )
+
+
+def airflow_metadata_url(server_url: str, purpose: str) -> str:
+    """A PostgreSQL database of its own for a local Airflow's metadata, on the server of
+    ``server_url``, created when missing; its SQLAlchemy URL.
+
+    Airflow keeps SQLite for a quick test only: under a running DAG, 16 clients of
+    ``GET /api/v2/dags/{dag}/dagRuns/{id}`` timed out 64 requests in 40 s on SQLite (issue 19).
+    The name carries the checkout's path, so two checkouts sharing one PostgreSQL do not share
+    an Airflow.
+    """
+    import hashlib
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+    from psycopg import sql
+
+    checkout = hashlib.sha256(str(Path(__file__).resolve().parents[3]).encode()).hexdigest()[:8]
+    name = f"fine_tuning_airflow_{purpose}_{checkout}"
+    with psycopg.connect(server_url, autocommit=True) as conn:  # CREATE DATABASE: no transaction
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    parts = urlsplit(server_url)
+    # psycopg2, Airflow's default PostgreSQL driver (pinned in requirements.txt).
+    return urlunsplit(("postgresql+psycopg2", parts.netloc, f"/{name}", parts.query, ""))

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from fine_tuning.dev.demo import REPO, airflow_env
-from fine_tuning.dev.devstack import local_stack
+from fine_tuning.dev.devstack import airflow_metadata_url, local_stack
 from fine_tuning.infra import db
 
 
@@ -30,7 +30,9 @@ def main() -> int:
     with local_stack(workdir, stage_seconds=5.0, fresh=False) as stack:
         with db.connect(stack.database_url) as conn:
             db.migrate(conn)
-        env = airflow_env(stack, stack.database_url, workdir / "airflow", workdir / "data")
+        metadata_url = airflow_metadata_url(stack.database_url, "serve")
+        env = airflow_env(stack, stack.database_url, workdir / "airflow", workdir / "data", metadata_url)
+        # standalone runs `airflow db migrate` itself, against this database.
         env["AIRFLOW__API__PORT"] = "8080"
         env["AIRFLOW__API__HOST"] = "127.0.0.1"
         print(f"MLflow: {stack.mlflow_uri}  OpenAI emulator: {stack.openai_base_url}", flush=True)

@@ -28,6 +28,9 @@ class MetricsReport(BaseModel):
     statistical_analysis: dict[str, Any]
     recommendation: str
     cached: bool
+    # Seconds since the metrics were computed (0 when computed for this read). Past the TTL a
+    # cached answer is still served, at most ``cache.stale_seconds`` longer, while it is refreshed.
+    age_seconds: float = 0.0
 
 
 def relative_change(
@@ -99,20 +102,18 @@ def metrics_report(config: PipelineConfig, ab_test_id: str, now: datetime | None
     test = ab.get_ab_test(config, ab_test_id)
     now = now or clock.now_utc()
     until = min(now, test["ended_at"]) if test["ended_at"] else now
-    computed = False
 
     def compute() -> dict[str, Any]:
-        nonlocal computed
-        computed = True
         return compute_metrics(config, test, until)
 
     ttl = config.evaluation.metrics_cache_ttl_seconds
     if ttl > 0:
         # The key holds the test's status: a decision made since the last read is never hidden.
         cache = MetricsCache.from_config(config)
-        body = cache.get_or_compute(f"ab_metrics:{ab_test_id}:{test['status']}:{test['looks']}", compute, ttl)
+        answer = cache.lookup(f"ab_metrics:{ab_test_id}:{test['status']}:{test['looks']}", compute, ttl)
+        body, cached, age = answer.value, answer.cached, answer.age_seconds
     else:
-        body = compute()
+        body, cached, age = compute(), False, 0.0
     running = test["status"] == "running"
     return MetricsReport(
         ab_test_id=ab_test_id,
@@ -124,5 +125,6 @@ def metrics_report(config: PipelineConfig, ab_test_id: str, now: datetime | None
         recommendation=body["statistical_analysis"].get("decision", "continue")
         if running
         else test["status"],
-        cached=not computed,
+        cached=cached,
+        age_seconds=round(age, 3),
     )

@@ -14,6 +14,7 @@ created, no breaker is tripped), so a probe every few seconds is safe.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 from fine_tuning.infra import breakers, db, metrics
+from fine_tuning.infra.redis import shared_pool_stats
 
 if TYPE_CHECKING:
     from fine_tuning.config import PipelineConfig
@@ -220,6 +222,42 @@ def check_health(config: PipelineConfig, *, emit_metrics: bool = False) -> Healt
         does; the REST API leaves that to Prometheus scraping ``/metrics``).
     """
     started = time.monotonic()
+    checks, probed_at, breaker_states = _cached_probes(config)
+    return _report(config, checks, probed_at, breaker_states, started, emit_metrics)
+
+
+# The last probes per set of dependencies, and when they ran (time.time()): see
+# ``monitoring.health_cache_seconds``. One lock: concurrent scrapes of a stale entry probe once.
+_PROBE_CACHE: dict[tuple[Any, ...], tuple[float, dict[str, ComponentCheck]]] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def _cached_probes(
+    config: PipelineConfig,
+) -> tuple[dict[str, ComponentCheck], float, dict[str, BreakerStatus]]:
+    services, monitoring = config.services, config.monitoring
+    key = (
+        services.database_url.get_secret_value(),
+        services.redis_url.get_secret_value(),
+        services.openai_base_url,
+        services.openai_api_key.get_secret_value() if services.openai_api_key else None,
+        config.mlflow.tracking_uri,
+        tuple(sorted(monitoring.required_components)),
+        monitoring.health_timeout_seconds,
+    )
+    with _PROBE_LOCK:
+        cached = _PROBE_CACHE.get(key)
+        if cached is not None and time.time() - cached[0] < monitoring.health_cache_seconds:
+            # The breakers are read each time: one Redis read, and their state changes by the second.
+            return cached[1], cached[0], _read_breakers(config)
+        probed_at = time.time()
+        checks, breaker_states = _probe(config)
+        _PROBE_CACHE.clear()  # one entry: the config of this process
+        _PROBE_CACHE[key] = (probed_at, checks)
+        return checks, probed_at, breaker_states
+
+
+def _probe(config: PipelineConfig) -> tuple[dict[str, ComponentCheck], dict[str, BreakerStatus]]:
     timeout = config.monitoring.health_timeout_seconds
     required = set(config.monitoring.required_components)
     checks: dict[str, ComponentCheck] = {}
@@ -258,7 +296,17 @@ def check_health(config: PipelineConfig, *, emit_metrics: bool = False) -> Healt
             }
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    return checks, breaker_states
 
+
+def _report(
+    config: PipelineConfig,
+    checks: dict[str, ComponentCheck],
+    probed_at: float,
+    breaker_states: dict[str, BreakerStatus],
+    started: float,
+    emit_metrics: bool,
+) -> HealthReport:
     down_required = [n for n, c in checks.items() if c.required and c.status == "unhealthy"]
     degraded = any(c.status == "unhealthy" for c in checks.values()) or any(
         b.state in ("open", "half_open") for b in breaker_states.values()
@@ -267,7 +315,10 @@ def check_health(config: PipelineConfig, *, emit_metrics: bool = False) -> Healt
     components: dict[str, str] = {name: check.status for name, check in checks.items()}
     # The design's shape: "openai_circuit_breaker": "CLOSED".
     components.update({f"{name}_circuit_breaker": b.state.upper() for name, b in breaker_states.items()})
-    db, rd = checks["database"].detail, checks["redis"].detail
+    # This process's own pools (the seed's "connection pools"); None where it keeps none (a CLI
+    # or task process opens a connection per use).
+    db_pool, rd_pool = db.pool_stats(), shared_pool_stats()
+    server = checks["database"].detail
     report = HealthReport(
         status=status,
         healthy=not down_required,
@@ -276,14 +327,16 @@ def check_health(config: PipelineConfig, *, emit_metrics: bool = False) -> Healt
         checks=checks,
         breakers=breaker_states,
         connection_pools={
-            "db_connections_active": db.get("connections_active"),
-            "db_connections_idle": db.get("connections_idle"),
-            "db_connections_max": db.get("max_connections"),
-            "redis_connections_active": rd.get("connections_active"),
-            "redis_connections_idle": rd.get("connections_idle"),
+            "db_connections_active": db_pool["active"] if db_pool else None,
+            "db_connections_idle": db_pool["idle"] if db_pool else None,
+            "db_connections_max": server.get("max_connections"),
+            "redis_connections_active": rd_pool["active"],
+            "redis_connections_idle": rd_pool["idle"],
         },
         performance_metrics={
             "health_check_ms": round((time.monotonic() - started) * 1000, 1),
+            # How old the dependency probes are (reused for monitoring.health_cache_seconds).
+            "probes_age_seconds": round(max(0.0, time.time() - probed_at), 3),
             "memory_peak_mb": round(metrics.peak_memory_mb(), 1),
         },
     )

@@ -44,15 +44,38 @@ def shared_client(url: str) -> redis.Redis:
     with _REDIS_LOCK:
         client = _REDIS_CLIENTS.get(url)
         if client is None:
-            client = redis_lib.Redis.from_url(
+            # The seed's pool: 20 connections with keepalive; a caller past 20 waits a moment
+            # for one instead of opening more (redis-py's BlockingConnectionPool).
+            pool = redis_lib.BlockingConnectionPool.from_url(
                 url,
+                max_connections=REDIS_POOL_SIZE,
+                timeout=0.5,
                 socket_connect_timeout=0.25,
                 socket_timeout=0.5,
+                socket_keepalive=True,
                 retry=Retry(NoBackoff(), 1),
                 health_check_interval=30,
             )
+            client = redis_lib.Redis(connection_pool=pool)
             _REDIS_CLIENTS[url] = client
         return client
+
+
+REDIS_POOL_SIZE = 20
+
+
+def shared_pool_stats() -> dict[str, int]:
+    """This process's shared Redis pools, summed: connections in use and idle."""
+    from redis.observability.attributes import DB_CLIENT_CONNECTION_STATE, ConnectionState
+
+    with _REDIS_LOCK:
+        pools = [client.connection_pool for client in _REDIS_CLIENTS.values()]
+    counts = {"active": 0, "idle": 0}
+    for pool in pools:
+        for count, attributes in pool.get_connection_count():
+            idle = attributes.get(DB_CLIENT_CONNECTION_STATE) == ConnectionState.IDLE.value
+            counts["idle" if idle else "active"] += count
+    return counts
 
 
 def redis_available(url: str) -> bool:

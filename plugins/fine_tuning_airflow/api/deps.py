@@ -69,7 +69,15 @@ def pipeline_config(overrides: Mapping[str, Any] | None = None) -> PipelineConfi
 
 
 def configured() -> PipelineConfig:
-    """The config without overrides, read on every request (the environment may change)."""
+    """The config without overrides, read on every request (the environment may change).
+
+    Also where the API server starts pooling its PostgreSQL connections (2-10 per process): a
+    request is the first moment known to be in the API server (every Airflow component imports
+    the plugin; a task's short process must not keep a pool), and mounted apps get no startup
+    event."""
+    from fine_tuning.infra import db
+
+    db.use_pools()
     return pipeline_config()
 
 

@@ -37,7 +37,9 @@ def test_all_up_is_healthy_and_metrics_parse(service_env: dict[str, str]) -> Non
     assert families["fine_tuning_healthy"].samples[0].value == 1
     up = {s.labels["component"]: s.value for s in families["fine_tuning_component_up"].samples}
     assert up == {"database": 1, "redis": 1, "mlflow": 1, "openai": 1}
-    assert "fine_tuning_db_connections_active" in families
+    # This process keeps no PostgreSQL pool (the API server does): no figure rather than a made-up 0.
+    assert report.connection_pools["db_connections_active"] is None
+    assert "fine_tuning_db_connections_active" not in families
     assert "fine_tuning_redis_connections_idle" in families
     if report.breakers["openai"].state != "unknown":
         assert families["fine_tuning_openai_circuit_breaker_state"].samples[0].value == 0
@@ -68,7 +70,9 @@ def test_cli_health_prints_the_report_and_sends_gauges(service_env: dict[str, st
         assert json.loads(ok.stdout)["status"] == "healthy"
         listener.wait_for("fine_tuning.health.database.up")
         assert listener.last("fine_tuning.health.database.up") == 1
-        assert "fine_tuning.db.connections.active" in listener.names()
+        # The CLI's own pools: Redis (the breakers' reads), no PostgreSQL pool in a one-shot process.
+        assert "fine_tuning.redis.connections.idle" in listener.names()
+        assert "fine_tuning.db.connections.active" not in listener.names()
 
         env["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:9/test"
         down = subprocess.run([sys.executable, "-m", "fine_tuning", "health"], env=env,

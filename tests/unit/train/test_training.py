@@ -177,3 +177,71 @@ def test_failed_job_fails_wait_with_openais_message(
     # A cleared train task makes a new job: a failed one is not reused.
     retried = pipeline.train(config, ctx, uploaded)
     assert retried.job_id != job.job_id and not retried.reused_job
+
+
+def _cli_args(step: str, ctx: RunContext, params: dict, **inputs: str) -> list[str]:
+    args = [step, "--dag-id", ctx.dag_id, "--run-id", ctx.run_id, "--window-end", ctx.window_end.isoformat()]
+    args += ["--params", json.dumps(params)]
+    for name, manifest in inputs.items():
+        args += ["--input", f"{name}={manifest}"]
+    return args
+
+
+def test_the_cli_exits_3_on_a_refusal_and_says_why_in_the_termination_log(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What a pod's exit code tells the operator: 3 refused (not retried), with the reason."""
+    from fine_tuning.cli import main
+    from fine_tuning.step_graph import EXIT_REFUSED
+
+    termination_log = tmp_path / "termination-log"
+    monkeypatch.setenv("FINE_TUNING_TERMINATION_LOG", str(termination_log))
+    code = main(_cli_args("upload", ctx, {"max_training_cost_usd": 0.001}, collect=collected.to_json()))
+    assert code == EXIT_REFUSED
+    assert openai_env.state()["files"] == []
+    message = termination_log.read_text()
+    assert message.startswith("exit 3: upload: CostLimitExceeded: estimated training cost $0.0")
+    assert "max_training_cost_usd" in capsys.readouterr().err
+
+    uploaded = pipeline.upload(config, ctx, collected)
+    openai_env.refuse_jobs(True)
+    try:
+        assert main(_cli_args("train", ctx, {}, upload=uploaded.to_json())) == EXIT_REFUSED
+    finally:
+        openai_env.refuse_jobs(False)
+    assert "TrainingRefusedError" in termination_log.read_text()
+    assert openai_env.state()["jobs"] == []
+
+
+def test_the_cli_exits_2_on_bad_input_naming_it(
+    ctx: RunContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fine_tuning.cli import main
+    from fine_tuning.step_graph import EXIT_BAD_INPUT
+
+    termination_log = tmp_path / "termination-log"
+    monkeypatch.setenv("FINE_TUNING_TERMINATION_LOG", str(termination_log))
+    assert main(_cli_args("collect", ctx, {"engagement_threshold": 7})) == EXIT_BAD_INPUT
+    assert "engagement_threshold" in termination_log.read_text()
+    assert main(_cli_args("upload", ctx, {}, collect='{"status": "ready"}')) == EXIT_BAD_INPUT
+    assert "upload" in capsys.readouterr().err
+
+
+def test_the_local_step_fails_a_refusal_without_retrying(
+    config: PipelineConfig, ctx: RunContext, collected: CollectManifest, openai_env
+) -> None:
+    """Local mode, the same rule as a pod's exit 3: ``AirflowFailException``, retries unspent."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from fine_tuning_airflow.operators import FineTuningStepOperator
+
+    dag_run = SimpleNamespace(dag_id=ctx.dag_id, run_id=ctx.run_id, run_after=ctx.window_end)
+    ti = SimpleNamespace(xcom_pull=lambda task_ids: collected.model_dump(mode="json"))
+    context = {"params": {"max_training_cost_usd": 0.001}, "dag_run": dag_run, "data_interval_end": ctx.window_end, "ti": ti}
+    operator = FineTuningStepOperator(task_id="upload", step="upload", retries=2)
+    with pytest.raises(AirflowFailException, match=r"refused, a retry cannot fix it \(exit 3\): estimated training cost"):
+        operator.execute(context)
+    assert openai_env.state()["files"] == []

@@ -32,7 +32,7 @@ ALTER TABLE posts ADD COLUMN IF NOT EXISTS cost_usd double precision NULL;
 --     the planner walks it in order and filters ts, 81 ms: worse than no index.
 --   * one week of posts only (the demo, ~90% of rows in the window): the planner rightly
 --     ignores every candidate and seq-scans (100-180 ms); no index changes that much.
--- So: (ts). On a large existing production table, create it beforehand with
--- CREATE INDEX CONCURRENTLY posts_ts_idx ON posts (ts); this statement then does nothing
--- (a plain CREATE INDEX inside the migration's transaction would block the agent's inserts).
-CREATE INDEX IF NOT EXISTS posts_ts_idx ON posts (ts);
+-- So: (ts), created by 003_posts_indexes.sql CONCURRENTLY, outside a transaction: a plain
+-- CREATE INDEX here, inside the migration's transaction, would block the agent's inserts for
+-- as long as the build takes. (Until 2026-12 it was created here; a database migrated then
+-- has it already and 003 does nothing.)

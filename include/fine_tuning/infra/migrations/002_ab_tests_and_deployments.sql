@@ -5,8 +5,8 @@
 -- column with a constant default is a catalog-only change since PostgreSQL 11: instant.
 ALTER TABLE posts ADD COLUMN IF NOT EXISTS is_error boolean NOT NULL DEFAULT false;
 
--- The A/B aggregates filter posts by arm (model_id) and time: one index serves both.
-CREATE INDEX IF NOT EXISTS posts_model_ts_idx ON posts (model_id, ts);
+-- The A/B aggregates filter posts by arm (model_id) and time: posts_model_ts_idx serves both,
+-- created CONCURRENTLY by 003_posts_indexes.sql (the agent writes to posts all the time).
 
 CREATE TABLE IF NOT EXISTS ab_tests (
     id text PRIMARY KEY,
