@@ -43,6 +43,27 @@ class Hyperparameters(_Section):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
 
 
+PiiKind = Literal["email", "phone", "credit_card", "iban", "ip_address", "handle"]
+
+
+class PiiConfig(_Section):
+    """What collection scrubs from hook and body before anything is written (``collect/pii.py``)."""
+
+    # The kinds detected and replaced by typed placeholders (``<EMAIL>``); an unknown kind is refused.
+    kinds: list[PiiKind] = Field(
+        default_factory=lambda: ["email", "phone", "credit_card", "iban", "ip_address", "handle"]
+    )
+    # @handles left as they are (public accounts: the brand, the personas); every other is scrubbed.
+    keep_handles: list[Annotated[str, Field(pattern=r"^@?[A-Za-z0-9_]{1,30}$")]] = Field(default_factory=list)
+    # Regions whose national phone formats are recognised (numbers written with + always are).
+    phone_regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
+        default_factory=lambda: ["US", "GB", "DE", "FR", "IN", "CA", "AU"]
+    )
+    # A post whose PII covers more than this share of its non-blank characters is left out
+    # (``mostly_pii``): what remains after scrubbing is not worth training on.
+    max_pii_share: float = Field(0.5, ge=0.0, le=1.0)
+
+
 class DataCollectionConfig(_Section):
     engagement_threshold: float = Field(0.06, ge=0.0, le=1.0)
     days_back: int = Field(7, ge=1, le=366)
@@ -52,6 +73,12 @@ class DataCollectionConfig(_Section):
     training_data_threshold: int = Field(100, ge=10)
     hook_prompt: str = Field("Create engaging content", min_length=1)
     body_prompt: str = Field("{hook}\n\nWrite a detailed post:", min_length=1)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    # Most share of the written examples that may come from posts written by the pipeline's own
+    # fine-tuned models (an A/B candidate's model_id); more are down-sampled by post id.
+    self_generated_cap: float = Field(0.5, ge=0.0, le=1.0)
+    # Share of posts (chosen by post id) whose examples go to the validation file instead.
+    validation_share: float = Field(0.1, ge=0.0, lt=1.0)
 
 
 class AzureOpenAIConfig(_Section):

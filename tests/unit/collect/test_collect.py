@@ -39,8 +39,15 @@ def conn(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
 
 
 def make_config(pg_url: str, **params: Any) -> PipelineConfig:
+    # No validation split unless a test asks for one: these tests count the training file.
     return load_config(
-        env={}, params={"training_data_threshold": 10, **params, "services": {"database_url": pg_url}}
+        env={},
+        params={
+            "training_data_threshold": 10,
+            "data_collection.validation_share": 0.0,
+            **params,
+            "services": {"database_url": pg_url},
+        },
     )
 
 
@@ -207,6 +214,7 @@ def test_every_rejection_reason_and_duplicates(
         "engagement_out_of_range": 2,
         "too_long": 1,
         "invalid_text": 3,
+        "mostly_pii": 0,
     }
     assert manifest.duplicates == 2
     assert manifest.posts_scanned == len(good) + len(bad) - 2
@@ -294,7 +302,7 @@ def test_too_few_examples_leaves_no_file(conn: psycopg.Connection[Any], pg_url: 
 
     assert manifest.status == "insufficient"
     assert manifest.examples_written == 6
-    assert manifest.reason == "only 6 valid examples, 10 needed (data_collection.training_data_threshold)"
+    assert manifest.reason == "only 6 valid training examples, 10 needed (data_collection.training_data_threshold)"
     assert (manifest.dataset_path, manifest.sha256, manifest.bytes) == (None, None, 0)
     assert sorted(os.listdir(tmp_path)) == ["collect.json"]
     assert CollectManifest.from_json((tmp_path / "collect.json").read_text()).status == "insufficient"
