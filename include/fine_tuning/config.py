@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, create_model
@@ -50,9 +50,7 @@ class PiiConfig(_Section):
     """What collection scrubs from hook and body before anything is written (``collect/pii.py``)."""
 
     # The kinds detected and replaced by typed placeholders (``<EMAIL>``); an unknown kind is refused.
-    kinds: list[PiiKind] = Field(
-        default_factory=lambda: ["email", "phone", "credit_card", "iban", "ip_address", "handle"]
-    )
+    kinds: list[PiiKind] = Field(default_factory=lambda: list(get_args(PiiKind)))
     # @handles left as they are (public accounts: the brand, the personas); every other is scrubbed.
     keep_handles: list[Annotated[str, Field(pattern=r"^@?[A-Za-z0-9_]{1,30}$")]] = Field(default_factory=list)
     # Regions whose national phone formats are recognised (numbers written with + always are).

@@ -315,12 +315,12 @@ class _DatasetBuilder:
         chunk = _Chunk()
         words_bound = self._counter.words_bound_tokens
         limit = self._context_limit
-        for post_id, persona_id, hook, body, engagement, self_generated in rows:
-            reason = _rejection(persona_id, hook, body, engagement)
+        for post_id, persona_id, raw_hook, raw_body, engagement, self_generated in rows:
+            reason = _rejection(persona_id, raw_hook, raw_body, engagement)
             if reason is not None:
                 self.rejected[reason] += 1
                 continue
-            scrubbed = self._scrubbed(hook, body)
+            scrubbed = self._scrubbed(raw_hook, raw_body)
             if scrubbed is None:
                 self.rejected["mostly_pii"] += 1
                 continue
@@ -393,7 +393,9 @@ class _DatasetBuilder:
                 self._hooks_seen.add(hook_digest)
                 lines = _line(system, self._hook_prompt_json, hook) + body_line
                 examples, post_tokens = 2, hook_tokens + body_tokens
-            validation = self._validation_share > 0 and post_unit(post_id, "validation") < self._validation_share
+            validation = (
+                self._validation_share > 0 and post_unit(post_id, "validation") < self._validation_share
+            )
             if self_generated:
                 self._self_generated.add(post_id, lines, examples, post_tokens, validation)
             else:

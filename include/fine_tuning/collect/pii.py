@@ -94,7 +94,10 @@ class PiiScrubber:
             self._phonenumbers = phonenumbers
             unknown_regions = set(self._phone_regions) - phonenumbers.SUPPORTED_REGIONS
             if unknown_regions:
-                raise ValueError(f"phone regions {sorted(unknown_regions)} are not regions phonenumbers knows")
+                raise ValueError(
+                    f"data_collection.pii.phone_regions: {sorted(unknown_regions)} are not regions "
+                    "phonenumbers knows"
+                )
 
     def scrub(self, text: str) -> Scrubbed | None:
         """The text with its PII replaced, or None when it has none (the common case, cheap)."""
