@@ -28,7 +28,7 @@ from fine_tuning.train.providers import JobStatus, get_provider
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Run
+    from mlflow.entities import DatasetInput, Run
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,13 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
         "estimated_cost_usd": training.estimated_cost_usd,
     }
     metrics.update({f"rejected_{reason}": count for reason, count in collect.rejected.items()})
+    metrics.update({f"dropped_{reason}": count for reason, count in collect.dropped_examples.items()})
+    metrics.update({f"pii_found_{kind}": count for kind, count in collect.pii_found.items()})
+    metrics["validation_examples"] = collect.validation_examples
+    metrics["validation_tokens"] = collect.validation_tokens
+    if collect.self_generated is not None:
+        metrics["self_generated_share_before_cap"] = collect.self_generated.share_before_cap
+        metrics["self_generated_share_written"] = collect.self_generated.share_written
     if result.trained_tokens is not None:
         metrics["trained_tokens"] = result.trained_tokens
     if result.created_at and result.finished_at:
@@ -247,6 +254,8 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
         }
     )
     _log_batch(client, mlflow_run_id, params, metrics)
+    # MLflow keeps one input per (dataset name, digest) and run: a replay adds nothing.
+    client.log_inputs(mlflow_run_id, datasets=dataset_inputs(collect))
     client.set_tag(mlflow_run_id, "fine_tuned_model", result.fine_tuned_model)
     client.log_dict(mlflow_run_id, collect.model_dump(mode="json"), "manifests/collect.json")
     client.log_dict(mlflow_run_id, training.model_dump(mode="json"), "manifests/training.json")
@@ -287,6 +296,60 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
     if payload.get("manifest_path"):  # a replay brings the step's manifest up to date
         write_manifest(manifest, payload["manifest_path"])
     return manifest.model_dump(mode="json")
+
+
+def dataset_inputs(collect: CollectManifest) -> list[DatasetInput]:
+    """The training and validation files as MLflow dataset inputs: source = the window and the
+    query that selected the posts, digest = the file's sha256, profile = counts and rejections."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps(
+        {
+            "query": collect.query,
+            "window_start": collect.window_start.isoformat(),
+            "window_end": collect.window_end.isoformat(),
+            "dag_id": collect.dag_id,
+            "run_id": collect.run_id,
+        }
+    )
+    collection_profile = {
+        "posts_scanned": collect.posts_scanned,
+        "rejected": collect.rejected,
+        "duplicates": collect.duplicates,
+        "dropped_examples": collect.dropped_examples,
+        "pii_found": collect.pii_found,
+        "self_generated": None if collect.self_generated is None else collect.self_generated.model_dump(),
+        "token_counter": collect.token_counter,
+    }
+    files = [("training", collect.sha256, collect.examples_written, collect.tokens, collect.bytes)]
+    if collect.validation_sha256:
+        files.append(
+            (
+                "validation",
+                collect.validation_sha256,
+                collect.validation_examples,
+                collect.validation_tokens,
+                collect.validation_bytes,
+            )
+        )
+    inputs = []
+    for context, sha256, examples, tokens, size in files:
+        assert sha256 is not None, "a registered candidate's collect manifest has its dataset"
+        profile = {"sha256": sha256, "examples": examples, "tokens": tokens, "bytes": size, **collection_profile}
+        dataset = Dataset(
+            name=f"{collect.dag_id}/{collect.run_id}/{context}"[:500],
+            # MLflow's tracking store keeps at most 36 characters of a digest; the full sha256 is
+            # in the profile (and on the model version's dataset_sha256 tag).
+            digest=sha256[:32],
+            source_type="postgresql_query",
+            source=source,
+            schema=json.dumps({"format": "openai_chat_jsonl", "fields": ["messages"]}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    return inputs
 
 
 def _provider_artifacts(
