@@ -337,7 +337,8 @@ def dataset_inputs(collect: CollectManifest) -> list[DatasetInput]:
     inputs = []
     for context, sha256, examples, tokens, size in files:
         assert sha256 is not None, "a registered candidate's collect manifest has its dataset"
-        profile = {"sha256": sha256, "examples": examples, "tokens": tokens, "bytes": size, **collection_profile}
+        profile = {"sha256": sha256, "examples": examples, "tokens": tokens, "bytes": size}
+        profile.update(collection_profile)
         dataset = Dataset(
             name=f"{collect.dag_id}/{collect.run_id}/{context}"[:500],
             # MLflow's tracking store keeps at most 36 characters of a digest; the full sha256 is
