@@ -145,6 +145,21 @@ class SelfHostedConfig(_Section):
     serving_adapter_root: str | None = None
 
 
+class LossGateConfig(_Section):
+    """Before any traffic: reject a candidate whose validation loss rises at the end or ends high."""
+
+    enabled: bool = True
+    # The last share of the reported steps where a rise means over-fitting.
+    window_share: float = Field(0.25, gt=0.0, le=1.0)
+    # A fitted rise over that window above this share of the loss's level there rejects...
+    max_relative_rise: float = Field(0.05, ge=0.0)
+    # ...when the slope is positive with this significance (noise alone is not a rise).
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    max_final_valid_loss: float | None = Field(None, gt=0.0)
+    # Fewest validation losses the gate judges; fewer (with a validation file) rejects.
+    min_points: int = Field(3, ge=1)
+
+
 class TrainingConfig(_Section):
     provider: Literal["openai", "azure_openai", "selfhosted"] = "openai"
     azure: AzureOpenAIConfig = Field(default_factory=AzureOpenAIConfig)
@@ -153,6 +168,7 @@ class TrainingConfig(_Section):
     # ``selfhosted.base_model_path`` and counts tokens with its tokenizer: this is not read then.
     base_model: str = Field("gpt-3.5-turbo-0125", min_length=1, max_length=200)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    loss_gate: LossGateConfig = Field(default_factory=LossGateConfig)
     suffix: str = Field("weekly", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
     seed: int | None = None
     # The design's ConfigMap says 1800 s; a real OpenAI job often queues longer than that, so

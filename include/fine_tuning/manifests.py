@@ -95,6 +95,8 @@ class UploadManifest(Manifest):
     estimated_tokens: int
     estimated_epochs: int
     estimated_cost_usd: float
+    # The validation split, uploaded as its own file (None: the run has no validation file).
+    validation_file_id: str | None = None
 
 
 class TrainingManifest(UploadManifest):

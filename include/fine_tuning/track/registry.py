@@ -160,6 +160,8 @@ def register_candidate(
     training: TrainingManifest,
     result: JobResult,
     manifest_path: Path | None = None,
+    curves: list[dict[str, float]] | None = None,
+    loss_verdict: dict[str, Any] | None = None,
 ) -> RegistrationManifest:
     """Log the pipeline run and register the fine-tuned model as a version with the candidate alias.
 
@@ -184,6 +186,8 @@ def register_candidate(
         "manifest_path": None if manifest_path is None else str(manifest_path),
         # Self-hosted training leaves the model with us: the adapter and its metrics go to MLflow.
         "artifacts": _provider_artifacts(config, training, result),
+        "curves": curves or [],
+        "loss_verdict": loss_verdict,
     }
     key = f"{pipeline_run_key(collect.dag_id, collect.run_id)}/{result.job_id}"
     outcome = submit(config, "register_candidate", key, payload)
@@ -272,10 +276,18 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
         f"{MODEL_ARTIFACT_PATH}/model.json",
     )
 
+    _log_curves(client, mlflow_run_id, payload.get("curves") or [])
     if payload.get("artifacts"):
         _log_training_artifacts(client, mlflow_run_id, payload["artifacts"])
     version = _get_or_create_version(model_name, client, mlflow_run_id, training, result)
-    client.set_registered_model_alias(model_name, alias, version)
+    verdict = payload.get("loss_verdict") or {}
+    if verdict:
+        client.set_model_version_tag(
+            model_name, version, "loss_gate", "passed" if verdict["passed"] else "rejected"
+        )
+        client.set_model_version_tag(model_name, version, "loss_gate_reason", str(verdict["reason"])[:5000])
+    if verdict.get("passed", True):
+        client.set_registered_model_alias(model_name, alias, version)
     client.set_terminated(mlflow_run_id, "FINISHED")
     log.info(
         "registered %s version %s (alias %s) for %s, MLflow run %s",
@@ -361,6 +373,25 @@ def _provider_artifacts(
         return {}
     provider = get_provider(config, training.provider)
     return provider.artifacts(JobStatus(job_id=result.job_id, status=result.status))
+
+
+def _log_curves(client: MlflowClient, mlflow_run_id: str, curves: list[dict[str, float]]) -> None:
+    """``train_loss`` and ``valid_loss`` by step, once (a replay finds them there)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    if not curves or "train_loss" in client.get_run(mlflow_run_id).data.metrics:
+        return
+    now = int(time.time() * 1000)
+    history = [
+        Metric(name, float(point[name]), now, int(point["step"]))
+        for point in curves
+        for name in ("train_loss", "valid_loss")
+        if point.get(name) is not None
+    ]
+    for start in range(0, len(history), 1000):
+        client.log_batch(mlflow_run_id, metrics=history[start : start + 1000])
 
 
 def _log_training_artifacts(client: MlflowClient, mlflow_run_id: str, artifacts: dict[str, Any]) -> None:
