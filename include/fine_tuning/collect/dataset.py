@@ -98,17 +98,15 @@ def _normalize(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def _digest(hook: str, body: str) -> int:
+def _digests(persona_id: str, hook: str, body: str) -> tuple[int, int]:
+    """The post's identity (hook and body) and its hook example's (the persona, whose system
+    message it carries, and the hook), on the normalised texts."""
     # 64 bits: a collision among even 10M posts has probability ~3e-6, and an int costs ~40
     # bytes in the set where the full texts would cost kilobytes.
-    raw = hashlib.blake2b(f"{_normalize(hook)}\0{_normalize(body)}".encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "big")
-
-
-def _hook_digest(persona_id: str, hook: str) -> int:
-    """The hook example's identity: its system message (the persona) and the hook."""
-    raw = hashlib.blake2b(f"{persona_id}\0{_normalize(hook)}".encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "big")
+    normal_hook = _normalize(hook)
+    post = hashlib.blake2b(f"{normal_hook}\0{_normalize(body)}".encode(), digest_size=8).digest()
+    hook_example = hashlib.blake2b(f"{persona_id}\0{normal_hook}".encode(), digest_size=8).digest()
+    return int.from_bytes(post, "big"), int.from_bytes(hook_example, "big")
 
 
 def post_unit(post_id: int, purpose: str) -> float:
@@ -346,8 +344,7 @@ class _DatasetBuilder:
                 )
             chunk.posts.append(
                 (
-                    _digest(hook, body),
-                    _hook_digest(persona_id, hook),
+                    *_digests(persona_id, hook, body),
                     persona_id,
                     hook,
                     body,

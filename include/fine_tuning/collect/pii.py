@@ -29,9 +29,10 @@ names and places); phone numbers of regions outside ``phone_regions`` written wi
 obfuscated forms ("john at example dot com", digits spelled out); handles written without
 ``@``; card numbers that fail Luhn (typos) and IBANs with a wrong check.
 
-Cost: most social posts have none of the trigger characters, so a text is first matched by
-one cheap regular expression; only candidates are checked, and phonenumbers (the slow part,
-~0.1 ms per region) only runs on a text with seven digits in a row or so.
+Cost: most social posts have none of the trigger characters (an @, four digits, a colon
+between hex digits), found by a few C-level scans; only the rest are matched, only candidates
+are checked, and phonenumbers (the slow part, ~0.1 ms per region) only runs on a text with
+seven digits in a row or so.
 """
 
 from __future__ import annotations
@@ -59,8 +60,20 @@ _CANDIDATES = re.compile(
 )
 # Seven digits with at most two separators between each: the least a phone number has.
 _MAYBE_PHONE = re.compile(r"(?:\d[\s().\-/]{0,2}){6}\d")
-# The cheapest question first: none of these, no PII of any kind.
-_TRIGGER = re.compile(r"[@:]|\d[\d .-]")
+# IPv6 needs a colon between hex digits (or "::").
+_HEX_COLON = re.compile(r"[0-9A-Fa-f:]:[0-9A-Fa-f:]")
+_DIGITS = "0123456789"
+
+
+def _may_have_pii(text: str) -> bool:
+    """The cheapest question first (a few C-level scans, no regex for most texts): e-mails and
+    handles need an @, IPv6 a colon between hex digits, and every other kind at least four
+    digits (1.2.3.4). A regular expression with alternatives costs ~20x more per text here."""
+    if "@" in text:
+        return True
+    if sum(map(text.count, _DIGITS)) >= 4:
+        return True
+    return ":" in text and _HEX_COLON.search(text) is not None
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ class PiiScrubber:
 
     def scrub(self, text: str) -> Scrubbed | None:
         """The text with its PII replaced, or None when it has none (the common case, cheap)."""
-        if not self.kinds or _TRIGGER.search(text) is None:
+        if not self.kinds or not _may_have_pii(text):
             return None
         spans = self._spans(text)
         if not spans:
