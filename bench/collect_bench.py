@@ -39,7 +39,8 @@ import _harness
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 5_000_000)
 WINDOW_END = datetime(2026, 11, 1, tzinfo=UTC)
 # What must be the same for naive and ours (paths, timing, the run's ids may differ).
-COMPARED_FIELDS = ("status", "posts_scanned", "examples_written", "rejected", "duplicates", "tokens", "bytes")
+COMPARED_FIELDS = ("status", "posts_scanned", "examples_written", "rejected", "duplicates", "tokens", "bytes",
+                   "dropped_examples", "pii_found", "self_generated", "validation_examples", "validation_tokens")
 PEAK_RSS_GOAL_MB = 150
 
 
@@ -60,24 +61,25 @@ def _fetch_all_then_filter(database_url: str, params: dict[str, Any], chunk_size
 
     with db.connect(database_url) as conn:
         rows = conn.execute(
-            "SELECT id, persona_id, hook, body, engagement_rate, ts, tokens_used FROM posts"
+            "SELECT id, persona_id, hook, body, engagement_rate, ts, model_id FROM posts"
         ).fetchall()
+        candidates = {model for (model,) in conn.execute("SELECT candidate_model FROM ab_tests")}
     start, end, threshold = params["start"], params["end"], params["threshold"]
 
     def selected(row: tuple[Any, ...]) -> bool:
         engagement = 0.0 if row[4] is None else row[4]
         return start <= row[5] < end and (math.isnan(engagement) or engagement >= threshold)
 
-    def descending_nulls_last(row: tuple[Any, ...]) -> tuple[int, float]:
+    def descending_nulls_last_then_id(row: tuple[Any, ...]) -> tuple[int, float, int]:
         engagement = row[4]
         if engagement is None:
-            return (2, 0.0)
-        return (0, 0.0) if math.isnan(engagement) else (1, -engagement)
+            return (2, 0.0, row[0])
+        return (0, 0.0, row[0]) if math.isnan(engagement) else (1, -engagement, row[0])
 
-    kept = sorted((row for row in rows if selected(row)), key=descending_nulls_last)[: params["max_records"]]
+    kept = sorted((row for row in rows if selected(row)), key=descending_nulls_last_then_id)[: params["max_records"]]
     for at in range(0, len(kept), chunk_size):
-        yield [(persona_id, hook, body, engagement) for _id, persona_id, hook, body, engagement, _ts, _tokens
-               in kept[at:at + chunk_size]]
+        yield [(post_id, persona_id, hook, body, engagement, model_id in candidates)
+               for post_id, persona_id, hook, body, engagement, _ts, model_id in kept[at:at + chunk_size]]
 
 
 def child(mode: str, url: str, out_dir: str, n_posts: int) -> None:
@@ -201,7 +203,7 @@ def _tokenizer_limit(url: str, n_posts: int) -> dict[str, Any]:
         while rows := cursor.fetchmany(5_000):
             texts = [
                 text
-                for persona_id, hook, body, engagement in rows
+                for _id, persona_id, hook, body, engagement, _self_generated in rows
                 if collect._rejection(persona_id, hook, body, engagement) is None
                 and not (collect._surely_over(hook, limit) or collect._surely_over(body, limit))
                 for text in (hook, body, body_prompt.format(hook=hook))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import date
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, create_model
@@ -46,6 +46,25 @@ class Hyperparameters(_Section):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
 
 
+PiiKind = Literal["email", "phone", "credit_card", "iban", "ip_address", "handle"]
+
+
+class PiiConfig(_Section):
+    """What collection scrubs from hook and body before anything is written (``collect/pii.py``)."""
+
+    # The kinds detected and replaced by typed placeholders (``<EMAIL>``); an unknown kind is refused.
+    kinds: list[PiiKind] = Field(default_factory=lambda: list(get_args(PiiKind)))
+    # @handles left as they are (public accounts: the brand, the personas); every other is scrubbed.
+    keep_handles: list[Annotated[str, Field(pattern=r"^@?[A-Za-z0-9_]{1,30}$")]] = Field(default_factory=list)
+    # Regions whose national phone formats are recognised (numbers written with + always are).
+    phone_regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
+        default_factory=lambda: ["US", "GB", "DE", "FR", "IN", "CA", "AU"]
+    )
+    # A post whose PII covers more than this share of its non-blank characters is left out
+    # (``mostly_pii``): what remains after scrubbing is not worth training on.
+    max_pii_share: float = Field(0.5, ge=0.0, le=1.0)
+
+
 class DataCollectionConfig(_Section):
     engagement_threshold: float = Field(0.06, ge=0.0, le=1.0)
     days_back: int = Field(7, ge=1, le=366)
@@ -55,6 +74,12 @@ class DataCollectionConfig(_Section):
     training_data_threshold: int = Field(100, ge=10)
     hook_prompt: str = Field("Create engaging content", min_length=1)
     body_prompt: str = Field("{hook}\n\nWrite a detailed post:", min_length=1)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    # Most share of the written examples that may come from posts written by the pipeline's own
+    # fine-tuned models (an A/B candidate's model_id); more are down-sampled by post id.
+    self_generated_cap: float = Field(0.5, ge=0.0, le=1.0)
+    # Share of posts (chosen by post id) whose examples go to the validation file instead.
+    validation_share: float = Field(0.1, ge=0.0, lt=1.0)
 
 
 class AzureOpenAIConfig(_Section):
@@ -135,6 +160,21 @@ class OpenAICompatibleConfig(_Section):
     price_per_million_training_tokens: dict[str, float] = Field(default_factory=dict)
 
 
+class LossGateConfig(_Section):
+    """Before any traffic: reject a candidate whose validation loss rises at the end or ends high."""
+
+    enabled: bool = True
+    # The last share of the reported steps where a rise means over-fitting.
+    window_share: float = Field(0.25, gt=0.0, le=1.0)
+    # A fitted rise over that window above this share of the loss's level there rejects...
+    max_relative_rise: float = Field(0.05, ge=0.0)
+    # ...when the slope is positive with this significance (noise alone is not a rise).
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    max_final_valid_loss: float | None = Field(None, gt=0.0)
+    # Fewest validation losses the gate judges; fewer (with a validation file) rejects.
+    min_points: int = Field(3, ge=1)
+
+
 class TrainingConfig(_Section):
     provider: ProviderName = "openai"
     # Where to train instead when the champion's provider retires it (a forced migration, see
@@ -147,6 +187,7 @@ class TrainingConfig(_Section):
     # ``selfhosted.base_model_path`` and counts tokens with its tokenizer: this is not read then.
     base_model: str = Field("gpt-3.5-turbo-0125", min_length=1, max_length=200)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    loss_gate: LossGateConfig = Field(default_factory=LossGateConfig)
     suffix: str = Field("weekly", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")
     seed: int | None = None
     # The design's ConfigMap says 1800 s; a real OpenAI job often queues longer than that, so

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 M = TypeVar("M", bound="Manifest")
 
@@ -37,6 +37,19 @@ class RunContext(Manifest):
     window_end: datetime
 
 
+class SelfGeneratedShare(Manifest):
+    """Examples from posts the pipeline's own fine-tuned models wrote: measured, then capped."""
+
+    cap: float
+    posts: int = 0
+    posts_kept: int = 0
+    examples_before_cap: int = 0
+    examples_kept: int = 0
+    # Of all examples (training and validation) before the cap, and as written.
+    share_before_cap: float = 0.0
+    share_written: float = 0.0
+
+
 class CollectManifest(Manifest):
     status: Literal["ready", "insufficient"]
     dag_id: str
@@ -56,6 +69,20 @@ class CollectManifest(Manifest):
     reason: str | None = None
     # Which tokenizer counted ``tokens`` (an approximation says so, and why).
     token_counter: str | None = None
+    # Examples of valid posts not written, by reason (collect.dataset.DROP_REASONS).
+    dropped_examples: dict[str, int] = Field(default_factory=dict)
+    # PII found and replaced in the valid rows, by kind (``mostly_pii`` rows included).
+    pii_found: dict[str, int] = Field(default_factory=dict)
+    self_generated: SelfGeneratedShare | None = None
+    # The validation split (``data_collection.validation_share`` of the posts, by post id);
+    # ``examples_written``, ``tokens`` and ``sha256`` are the training file's.
+    validation_path: str | None = None
+    validation_sha256: str | None = None
+    validation_examples: int = 0
+    validation_tokens: int = 0
+    validation_bytes: int = 0
+    # The query that selected the posts (lineage: the MLflow dataset's source).
+    query: str | None = None
 
 
 class UploadManifest(Manifest):
@@ -71,6 +98,8 @@ class UploadManifest(Manifest):
     # Set when this run replaces a champion whose model retires (see fine_tuning.retirement):
     # {"from_model", "from_provider", "to_provider", "reason", "retires", "deadline"}.
     migration: dict[str, str] | None = None
+    # The validation split, uploaded as its own file (None: the run has no validation file).
+    validation_file_id: str | None = None
 
 
 class TrainingManifest(UploadManifest):

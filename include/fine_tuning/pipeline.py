@@ -47,6 +47,7 @@ from fine_tuning.manifests import (
 from fine_tuning.routing import Routing, get_routing
 from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, INPUT_TYPES, STEP_INPUTS
 from fine_tuning.track import registry
+from fine_tuning.train import loss_gate
 from fine_tuning.train.providers import FineTuningJobFailed, TrainingRefusedError, get_provider, job_metadata
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,15 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
     if not dataset.exists() or _sha256(dataset) != collected.sha256:
         raise ValueError(f"dataset {dataset} is missing or does not match sha256 {collected.sha256}")
     file_id, reused = provider.upload(provider.prepare_dataset(dataset), key)
+    validation_file_id = None
+    if collected.validation_path is not None:
+        validation = Path(collected.validation_path)
+        if not validation.exists() or _sha256(validation) != collected.validation_sha256:
+            raise ValueError(
+                f"validation file {validation} is missing or does not match sha256 "
+                f"{collected.validation_sha256}"
+            )
+        validation_file_id, _ = provider.upload(provider.prepare_dataset(validation), f"{key}-validation")
     manifest = UploadManifest(
         provider=provider.name,
         idempotency_key=key,
@@ -285,6 +295,7 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
         estimated_epochs=epochs,
         estimated_cost_usd=round(cost, 4),
         migration=migration,
+        validation_file_id=validation_file_id,
     )
     return manifest
 
@@ -294,7 +305,9 @@ def train(config: PipelineConfig, ctx: RunContext, uploaded: UploadManifest) -> 
     """Start the fine-tuning job once per (dag_id, run_id, dataset sha256), with the provider
     that uploaded the dataset."""
     metadata = job_metadata(uploaded.idempotency_key, ctx.dag_id, ctx.run_id, uploaded.dataset_sha256)
-    job_id, reused = get_provider(config, uploaded.provider).submit(uploaded.file_id, metadata)
+    job_id, reused = get_provider(config, uploaded.provider).submit(
+        uploaded.file_id, metadata, validation_file_id=uploaded.validation_file_id
+    )
     metrics.get_metrics(config).training_job_started(reused)
     manifest = TrainingManifest(
         **uploaded.model_dump(), job_id=job_id, suffix=config.training.suffix, reused_job=reused
@@ -333,16 +346,32 @@ def register(
     training: TrainingManifest,
     result: JobResult,
 ) -> RegistrationManifest:
-    """Track the run in MLflow and register the candidate with the ``challenger`` alias."""
+    """Track the run in MLflow (with the job's loss curves) and register the candidate with the
+    ``challenger`` alias, unless the loss gate rejects it: then it is registered without the
+    alias, tagged with the reason, and the run stops here, before any traffic."""
+    # The curves are read where there is a validation loss to judge (a run without a validation
+    # file is not gated, and says so in the verdict).
+    has_validation = training.validation_file_id is not None
+    curves = get_provider(config, training.provider).loss_curves(result.job_id) if has_validation else []
+    verdict = loss_gate.judge(config, curves, has_validation_file=has_validation)
+    log.info("loss gate for %s: %s", result.fine_tuned_model, verdict.reason)
     # When MLflow is down the registration is queued (status "buffered") and the run goes on;
     # the replay rewrites register.json with the MLflow ids (see fine_tuning.track.outbox).
     manifest = registry.register_candidate(
-        config, collected, training, result, manifest_path=run_dir(config, ctx) / "register.json"
+        config,
+        collected,
+        training,
+        result,
+        manifest_path=run_dir(config, ctx) / "register.json",
+        curves=curves,
+        loss_verdict=verdict.as_dict(),
     )
     metrics.get_metrics(config).pipeline_registered(
         result, run_dir(config, ctx) / "collect.json", collected.seconds
     )
     _save(config, ctx, "register", manifest)
+    if not verdict.passed:
+        raise CandidateRejected(f"loss gate rejected {result.fine_tuned_model}: {verdict.reason}")
     return manifest
 
 

@@ -182,6 +182,19 @@ def latest_run_dir(data_dir: Path) -> Path | None:
     return runs[-1] if runs else None
 
 
+def _counts(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((counts or {}).items())) or "none"
+
+
+def _share(share: dict[str, float] | None) -> str:
+    if not share:
+        return "not measured"
+    return (
+        f"{share['share_before_cap']:.1%} of examples before the cap, {share['share_written']:.1%} "
+        f"written (cap {share['cap']:.0%})"
+    )
+
+
 def summary(run_dir: Path | None, mlflow_uri: str) -> str:
     if run_dir is None:
         return "no run directory was written: see the Airflow output above"
@@ -205,6 +218,12 @@ def summary(run_dir: Path | None, mlflow_uri: str) -> str:
                 f"sha256 {str(collect['sha256'])[:12]})"
             ),
             f"rejected:          {rejected}; duplicates dropped: {collect['duplicates']}",
+            f"examples dropped:  {_counts(collect.get('dropped_examples'))}",
+            f"PII replaced:      {_counts(collect.get('pii_found'))}",
+            (
+                f"self-generated:    {_share(collect.get('self_generated'))}; validation examples: "
+                f"{collect.get('validation_examples', 0)}"
+            ),
         ]
         if collect["status"] != "ready":
             lines.append(f"skipped:           {collect['reason']}")

@@ -28,7 +28,7 @@ from fine_tuning.train.providers import JobStatus, get_provider
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Run
+    from mlflow.entities import DatasetInput, Run
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,8 @@ def register_candidate(
     training: TrainingManifest,
     result: JobResult,
     manifest_path: Path | None = None,
+    curves: list[dict[str, float]] | None = None,
+    loss_verdict: dict[str, Any] | None = None,
 ) -> RegistrationManifest:
     """Log the pipeline run and register the fine-tuned model as a version with the candidate alias.
 
@@ -184,6 +186,8 @@ def register_candidate(
         "manifest_path": None if manifest_path is None else str(manifest_path),
         # Self-hosted training leaves the model with us: the adapter and its metrics go to MLflow.
         "artifacts": _provider_artifacts(config, training, result),
+        "curves": curves or [],
+        "loss_verdict": loss_verdict,
     }
     key = f"{pipeline_run_key(collect.dag_id, collect.run_id)}/{result.job_id}"
     outcome = submit(config, "register_candidate", key, payload)
@@ -232,6 +236,13 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
         "estimated_cost_usd": training.estimated_cost_usd,
     }
     metrics.update({f"rejected_{reason}": count for reason, count in collect.rejected.items()})
+    metrics.update({f"dropped_{reason}": count for reason, count in collect.dropped_examples.items()})
+    metrics.update({f"pii_found_{kind}": count for kind, count in collect.pii_found.items()})
+    metrics["validation_examples"] = collect.validation_examples
+    metrics["validation_tokens"] = collect.validation_tokens
+    if collect.self_generated is not None:
+        metrics["self_generated_share_before_cap"] = collect.self_generated.share_before_cap
+        metrics["self_generated_share_written"] = collect.self_generated.share_written
     if result.trained_tokens is not None:
         metrics["trained_tokens"] = result.trained_tokens
     if result.created_at and result.finished_at:
@@ -248,6 +259,8 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
         }
     )
     _log_batch(client, mlflow_run_id, params, metrics)
+    # MLflow keeps one input per (dataset name, digest) and run: a replay adds nothing.
+    client.log_inputs(mlflow_run_id, datasets=dataset_inputs(collect))
     client.set_tag(mlflow_run_id, "fine_tuned_model", result.fine_tuned_model)
     for key, value in (training.migration or {}).items():  # a forced migration says so
         client.set_tag(mlflow_run_id, f"migration.{key}", value)
@@ -266,12 +279,20 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
         f"{MODEL_ARTIFACT_PATH}/model.json",
     )
 
+    _log_curves(client, mlflow_run_id, payload.get("curves") or [])
     if payload.get("artifacts"):
         _log_training_artifacts(client, mlflow_run_id, payload["artifacts"])
     version = _get_or_create_version(model_name, client, mlflow_run_id, training, result)
     for key, value in (training.migration or {}).items():
         client.set_model_version_tag(model_name, version, f"migration.{key}", value)
-    client.set_registered_model_alias(model_name, alias, version)
+    verdict = payload.get("loss_verdict") or {}
+    if verdict:
+        client.set_model_version_tag(
+            model_name, version, "loss_gate", "passed" if verdict["passed"] else "rejected"
+        )
+        client.set_model_version_tag(model_name, version, "loss_gate_reason", str(verdict["reason"])[:5000])
+    if verdict.get("passed", True):
+        client.set_registered_model_alias(model_name, alias, version)
     client.set_terminated(mlflow_run_id, "FINISHED")
     log.info(
         "registered %s version %s (alias %s) for %s, MLflow run %s",
@@ -295,6 +316,61 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
     return manifest.model_dump(mode="json")
 
 
+def dataset_inputs(collect: CollectManifest) -> list[DatasetInput]:
+    """The training and validation files as MLflow dataset inputs: source = the window and the
+    query that selected the posts, digest = the file's sha256, profile = counts and rejections."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps(
+        {
+            "query": collect.query,
+            "window_start": collect.window_start.isoformat(),
+            "window_end": collect.window_end.isoformat(),
+            "dag_id": collect.dag_id,
+            "run_id": collect.run_id,
+        }
+    )
+    collection_profile = {
+        "posts_scanned": collect.posts_scanned,
+        "rejected": collect.rejected,
+        "duplicates": collect.duplicates,
+        "dropped_examples": collect.dropped_examples,
+        "pii_found": collect.pii_found,
+        "self_generated": None if collect.self_generated is None else collect.self_generated.model_dump(),
+        "token_counter": collect.token_counter,
+    }
+    files = [("training", collect.sha256, collect.examples_written, collect.tokens, collect.bytes)]
+    if collect.validation_sha256:
+        files.append(
+            (
+                "validation",
+                collect.validation_sha256,
+                collect.validation_examples,
+                collect.validation_tokens,
+                collect.validation_bytes,
+            )
+        )
+    inputs = []
+    for context, sha256, examples, tokens, size in files:
+        assert sha256 is not None, "a registered candidate's collect manifest has its dataset"
+        profile = {"sha256": sha256, "examples": examples, "tokens": tokens, "bytes": size}
+        profile.update(collection_profile)
+        dataset = Dataset(
+            name=f"{collect.dag_id}/{collect.run_id}/{context}"[:500],
+            # MLflow's tracking store keeps at most 36 characters of a digest; the full sha256 is
+            # in the profile (and on the model version's dataset_sha256 tag).
+            digest=sha256[:32],
+            source_type="postgresql_query",
+            source=source,
+            schema=json.dumps({"format": "openai_chat_jsonl", "fields": ["messages"]}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    return inputs
+
+
 def _provider_artifacts(
     config: PipelineConfig, training: TrainingManifest, result: JobResult
 ) -> dict[str, Any]:
@@ -303,6 +379,25 @@ def _provider_artifacts(
         return {}
     provider = get_provider(config, training.provider)
     return provider.artifacts(JobStatus(job_id=result.job_id, status=result.status))
+
+
+def _log_curves(client: MlflowClient, mlflow_run_id: str, curves: list[dict[str, float]]) -> None:
+    """``train_loss`` and ``valid_loss`` by step, once (a replay finds them there)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    if not curves or "train_loss" in client.get_run(mlflow_run_id).data.metrics:
+        return
+    now = int(time.time() * 1000)
+    history = [
+        Metric(name, float(point[name]), now, int(point["step"]))
+        for point in curves
+        for name in ("train_loss", "valid_loss")
+        if point.get(name) is not None
+    ]
+    for start in range(0, len(history), 1000):
+        client.log_batch(mlflow_run_id, metrics=history[start : start + 1000])
 
 
 def _log_training_artifacts(client: MlflowClient, mlflow_run_id: str, artifacts: dict[str, Any]) -> None:

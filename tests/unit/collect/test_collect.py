@@ -39,8 +39,15 @@ def conn(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
 
 
 def make_config(pg_url: str, **params: Any) -> PipelineConfig:
+    # No validation split unless a test asks for one: these tests count the training file.
     return load_config(
-        env={}, params={"training_data_threshold": 10, **params, "services": {"database_url": pg_url}}
+        env={},
+        params={
+            "training_data_threshold": 10,
+            "data_collection.validation_share": 0.0,
+            **params,
+            "services": {"database_url": pg_url},
+        },
     )
 
 
@@ -207,6 +214,7 @@ def test_every_rejection_reason_and_duplicates(
         "engagement_out_of_range": 2,
         "too_long": 1,
         "invalid_text": 3,
+        "mostly_pii": 0,
     }
     assert manifest.duplicates == 2
     assert manifest.posts_scanned == len(good) + len(bad) - 2
@@ -228,8 +236,13 @@ def test_lines_are_json_dumps_of_the_messages(
         "</script><!-- {not: a template} {hook} -->",
         "Zero\u200bwidth, right-to-left \u05e9\u05dc\u05d5\u05dd, and a lone \\u escape",
     ]
-    insert(conn, [post(i, 0.1 + i / 100, hook=text, body=f"Body: {text}", persona='p"q\\') for i, text in
-                  enumerate(tricky)])
+    insert(
+        conn,
+        [
+            post(i, 0.1 + i / 100, hook=text, body=f"Body: {text}", persona='p"q\\')
+            for i, text in enumerate(tricky)
+        ],
+    )
 
     manifest = run(make_config(pg_url), tmp_path)
 
@@ -294,7 +307,10 @@ def test_too_few_examples_leaves_no_file(conn: psycopg.Connection[Any], pg_url: 
 
     assert manifest.status == "insufficient"
     assert manifest.examples_written == 6
-    assert manifest.reason == "only 6 valid examples, 10 needed (data_collection.training_data_threshold)"
+    assert (
+        manifest.reason
+        == "only 6 valid training examples, 10 needed (data_collection.training_data_threshold)"
+    )
     assert (manifest.dataset_path, manifest.sha256, manifest.bytes) == (None, None, 0)
     assert sorted(os.listdir(tmp_path)) == ["collect.json"]
     assert CollectManifest.from_json((tmp_path / "collect.json").read_text()).status == "insufficient"
@@ -365,8 +381,12 @@ def test_selfhosted_collect_counts_with_the_base_models_tokenizer(
     from transformers import AutoTokenizer
 
     insert(conn, (post(i, 0.1) for i in range(12)))
-    config = make_config(pg_url, training_provider="selfhosted", base_model="Qwen/Qwen2.5-0.5B-Instruct",
-                         training={"selfhosted": {"base_model_path": str(tiny_base_model)}})
+    config = make_config(
+        pg_url,
+        training_provider="selfhosted",
+        base_model="Qwen/Qwen2.5-0.5B-Instruct",
+        training={"selfhosted": {"base_model_path": str(tiny_base_model)}},
+    )
     with caplog.at_level("INFO", logger="fine_tuning.collect.dataset"):
         manifest = run(config, tmp_path)
 
@@ -396,8 +416,12 @@ def test_selfhosted_collect_leaves_out_posts_longer_than_the_trainers_max_length
     words = "small wins compound every morning"
     insert(conn, (post(i, 0.1 + i / 100, body=" ".join([words] * (1 + i % 4 * 10))) for i in range(24)))
     selfhosted = {"base_model_path": str(tiny_base_model), "max_length": 120}
-    config = make_config(pg_url, training_provider="selfhosted", base_model="gpt-3.5-turbo-0125",
-                         training={"selfhosted": selfhosted})
+    config = make_config(
+        pg_url,
+        training_provider="selfhosted",
+        base_model="gpt-3.5-turbo-0125",
+        training={"selfhosted": selfhosted},
+    )
     manifest = run(config, tmp_path)
 
     reference = AutoTokenizer.from_pretrained(tiny_base_model)
@@ -418,8 +442,12 @@ def test_selfhosted_collect_without_the_base_model_approximates_once_and_records
     """In kubernetes mode the collect pod has neither the base model volume nor ``tokenizers``."""
     insert(conn, (post(i, 0.1) for i in range(12)))
     missing = tmp_path / "models" / "qwen"
-    config = make_config(pg_url, training_provider="selfhosted", base_model="Qwen/Qwen2.5-0.5B-Instruct",
-                         training={"selfhosted": {"base_model_path": str(missing)}})
+    config = make_config(
+        pg_url,
+        training_provider="selfhosted",
+        base_model="Qwen/Qwen2.5-0.5B-Instruct",
+        training={"selfhosted": {"base_model_path": str(missing)}},
+    )
     with caplog.at_level("INFO", logger="fine_tuning.collect.dataset"):
         manifest = run(config, tmp_path / "out")
 

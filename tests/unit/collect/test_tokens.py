@@ -118,8 +118,12 @@ def test_count_rejects_non_string_values() -> None:
 def test_a_batch_counts_each_example_as_alone(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
     """count_many shares work across a batch (tiktoken: a repeated text is tokenized once; a base
     model: one tokenizer call); every example's count is still its own."""
-    batch = [COOKBOOK_MESSAGES, COOKBOOK_MESSAGES[:2], [{"role": "user", "content": "hello world"}],
-             COOKBOOK_MESSAGES[1:]]
+    batch = [
+        COOKBOOK_MESSAGES,
+        COOKBOOK_MESSAGES[:2],
+        [{"role": "user", "content": "hello world"}],
+        COOKBOOK_MESSAGES[1:],
+    ]
     no_template = shutil.copytree(tiny_tokenizer_dir, tmp_path / "no-template")
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     settings = json.loads((no_template / "tokenizer_config.json").read_text())

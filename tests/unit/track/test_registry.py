@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from mlflow import MlflowClient
 
 from fine_tuning.config import load_config
-from fine_tuning.manifests import CollectManifest, JobResult, TrainingManifest
+from fine_tuning.manifests import CollectManifest, JobResult, SelfGeneratedShare, TrainingManifest
 from fine_tuning.track.registry import register_candidate
 
 END = datetime(2026, 11, 22, 2, tzinfo=UTC)
@@ -84,3 +85,47 @@ def test_a_failed_job_is_not_registered(mlflow_config) -> None:
     failed = result.model_copy(update={"status": "failed", "fine_tuned_model": None})
     with pytest.raises(ValueError, match="status 'failed'"):
         register_candidate(mlflow_config, collect, training, failed)
+
+
+def test_the_datasets_are_inputs_of_the_run_with_their_lineage(mlflow_config, mlflow_uri: str) -> None:
+    collect, training, result = manifests("scheduled__2026-11-29")
+    collect = collect.model_copy(
+        update={
+            "validation_path": "/tmp/x/validation.jsonl",
+            "validation_sha256": "cd" * 32,
+            "validation_examples": 190,
+            "validation_tokens": 27_000,
+            "validation_bytes": 140,
+            "dropped_examples": {"duplicate_post": 80, "duplicate_hook": 18, "self_generated_cap": 300},
+            "pii_found": {"email": 4, "phone": 2},
+            "query": "SELECT id, persona_id, hook, body FROM posts WHERE ...",
+            "self_generated": SelfGeneratedShare(
+                cap=0.5, posts=700, posts_kept=475, examples_before_cap=1400, examples_kept=950,
+                share_before_cap=0.61, share_written=0.5,
+            ),
+        }
+    )
+    first = register_candidate(mlflow_config, collect, training, result)
+    register_candidate(mlflow_config, collect, training, result)  # a retry adds no second input
+
+    client = MlflowClient(mlflow_uri, mlflow_uri)
+    run = client.get_run(first.mlflow_run_id)
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in run.inputs.dataset_inputs
+    }
+    assert sorted(inputs) == ["training", "validation"] and len(run.inputs.dataset_inputs) == 2
+    training_set, validation_set = inputs["training"], inputs["validation"]
+    assert training_set.digest == ("ab" * 32)[:32] and validation_set.digest == ("cd" * 32)[:32]
+    source = json.loads(training_set.source)
+    assert source["query"].startswith("SELECT id") and source["window_end"] == END.isoformat()
+    profile = json.loads(training_set.profile)
+    assert (profile["sha256"], profile["examples"], profile["rejected"]["empty_hook"]) == ("ab" * 32, 1700, 3)
+    assert profile["dropped_examples"]["duplicate_hook"] == 18 and profile["pii_found"] == {"email": 4, "phone": 2}
+    assert json.loads(validation_set.profile)["examples"] == 190
+    assert run.data.metrics["dropped_self_generated_cap"] == 300
+    assert run.data.metrics["pii_found_email"] == 4
+    assert run.data.metrics["self_generated_share_written"] == 0.5
+    assert run.data.metrics["validation_examples"] == 190
+    # The registered version's run is where its data came from.
+    version = client.get_model_version_by_alias(first.model_name, "challenger")
+    assert version.run_id == first.mlflow_run_id

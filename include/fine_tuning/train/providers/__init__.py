@@ -151,8 +151,11 @@ class TrainingProvider(ABC):
         """Make the dataset available to the trainer once per key: ``(file_id, reused)``."""
 
     @abstractmethod
-    def submit(self, file_id: str, metadata: dict[str, str]) -> tuple[str, bool]:
+    def submit(
+        self, file_id: str, metadata: dict[str, str], validation_file_id: str | None = None
+    ) -> tuple[str, bool]:
         """Start the job once per ``metadata["idempotency_key"]`` (looking first): ``(job_id, reused)``.
+        ``validation_file_id`` (an uploaded validation split) is the job's validation / eval set.
 
         :raises TrainingRefusedError: the provider will not train at all (no retry can help).
         """
@@ -205,6 +208,11 @@ class TrainingProvider(ABC):
         """Retirement dates the provider reports for its models, keyed by (provider, model);
         empty where it reports none (the shipped table then applies)."""
         return {}
+
+    @abstractmethod
+    def loss_curves(self, job_id: str) -> list[dict[str, float]]:
+        """The finished job's losses by step: ``{"step", "train_loss"[, "valid_loss"]}`` in step
+        order (what the loss gate judges and MLflow plots)."""
 
 
 PROVIDERS: dict[str, str] = {

@@ -252,12 +252,32 @@ class OpenAIProvider(TrainingProvider):
         log.info("training file %s (%s, %d bytes, reused=%s)", file.id, filename, size, reused)
         return file.id, reused
 
-    def submit(self, file_id: str, metadata: dict[str, str]) -> tuple[str, bool]:
+    def submit(
+        self, file_id: str, metadata: dict[str, str], validation_file_id: str | None = None
+    ) -> tuple[str, bool]:
         """Start the fine-tuning job once per key: ``(job_id, reused)``."""
-        job, reused = self.start_job(file_id, metadata)
+        job, reused = self.start_job(file_id, metadata, validation_file_id)
         return job.id, reused
 
-    def start_job(self, file_id: str, metadata: dict[str, str]) -> tuple[FineTuningJob, bool]:
+    def loss_curves(self, job_id: str) -> list[dict[str, float]]:
+        """From the job's result file (``step_metrics.csv``: step, train_loss, valid_loss, ...)."""
+        import csv
+
+        job = self.retrieve(job_id)
+        if not job.result_files:
+            raise ValueError(f"{self.name} job {job_id} ({job.status}) has no result file with its losses")
+        text = self.guarded(self.client().files.content, job.result_files[0]).text
+        curves = []
+        for row in csv.DictReader(text.splitlines()):
+            point = {"step": float(row["step"]), "train_loss": float(row["train_loss"])}
+            if row.get("valid_loss"):
+                point["valid_loss"] = float(row["valid_loss"])
+            curves.append(point)
+        return curves
+
+    def start_job(
+        self, file_id: str, metadata: dict[str, str], validation_file_id: str | None = None
+    ) -> tuple[FineTuningJob, bool]:
         import openai
 
         client = self.client()
@@ -272,6 +292,7 @@ class OpenAIProvider(TrainingProvider):
                 return no_retry.fine_tuning.jobs.create(
                     model=training.base_model,
                     training_file=file_id,
+                    validation_file=validation_file_id or openai.omit,
                     suffix=training.suffix,
                     seed=training.seed if training.seed is not None else openai.omit,
                     method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},  # type: ignore[arg-type]

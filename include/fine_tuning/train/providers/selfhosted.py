@@ -100,7 +100,9 @@ class SelfHostedProvider(TrainingProvider):
                 return folder.name
         return None
 
-    def submit(self, file_id: str, metadata: dict[str, str]) -> tuple[str, bool]:
+    def submit(
+        self, file_id: str, metadata: dict[str, str], validation_file_id: str | None = None
+    ) -> tuple[str, bool]:
         settings = self.config.training.selfhosted
         if not settings.base_model_path:
             raise SelfHostedConfigError(
@@ -163,6 +165,8 @@ class SelfHostedProvider(TrainingProvider):
             "--seed",
             str(settings.seed),
         ]
+        if validation_file_id:  # the validation split is the trainer's eval set
+            command += ["--eval-dataset", validation_file_id]
         with (folder / LOG_FILE).open("ab") as log_file:
             # A session of its own: the trainer outlives the task process that started it.
             process = subprocess.Popen(
@@ -242,6 +246,23 @@ class SelfHostedProvider(TrainingProvider):
                 error="cancelled",
             )
         return self.status(job_id).status
+
+    def loss_curves(self, job_id: str) -> list[dict[str, float]]:
+        """From the trainer's metrics: the loss of every step, the eval loss where it evaluated."""
+        metrics_path = self.job_dir(job_id) / METRICS_FILE
+        if not metrics_path.exists():
+            raise FileNotFoundError(f"self-hosted job {job_id} has no {metrics_path} with its losses")
+        metrics = json.loads(metrics_path.read_text())
+        curves: dict[float, dict[str, float]] = {}
+        for point in metrics.get("loss_history", []):
+            curves.setdefault(float(point["step"]), {"step": float(point["step"])})["train_loss"] = point[
+                "loss"
+            ]
+        for point in metrics.get("eval_loss_history", []):
+            curves.setdefault(float(point["step"]), {"step": float(point["step"])})["valid_loss"] = point[
+                "loss"
+            ]
+        return [curves[step] for step in sorted(curves)]
 
     def artifacts(self, status: JobStatus) -> dict[str, Any]:
         """The adapter folder and the training metrics, for MLflow."""

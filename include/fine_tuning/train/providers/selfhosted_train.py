@@ -102,6 +102,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     write_status(status_file, status="running", started_at=int(time.time()), examples=len(rows))
 
     history: list[dict[str, float]] = []
+    eval_history: list[dict[str, float]] = []
+    eval_rows = load_chat_jsonl(Path(args.eval_dataset)) if args.eval_dataset else None
+    # About ten evaluations over the run: enough for the loss gate to see a trend.
+    batches = max(1, -(-len(rows) // args.batch_size))
+    total_steps = args.max_steps if args.max_steps > 0 else max(1, int(batches * args.epochs))
+    eval_steps = max(1, total_steps // 10)
 
     class StatusCallback(TrainerCallback):
         """Each logged step goes to the status file (the wait shows progress) and the history."""
@@ -109,6 +115,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
         ) -> None:
+            if logs and "eval_loss" in logs:
+                eval_history.append({"step": state.global_step, "loss": float(logs["eval_loss"])})
             if logs and "loss" in logs:
                 history.append({"step": state.global_step, "loss": float(logs["loss"])})
                 write_status(
@@ -130,6 +138,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         dataset_num_proc=None,
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=eval_steps if eval_rows else None,
+        per_device_eval_batch_size=args.batch_size,
     )
     lora = LoraConfig(
         r=args.lora_r,
@@ -142,6 +153,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model=model,
         args=sft_config,
         train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=lora,
         callbacks=[StatusCallback()],
@@ -160,6 +172,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "train_loss_first": history[0]["loss"] if history else None,
         "train_loss_last": history[-1]["loss"] if history else None,
         "loss_history": history,
+        "eval_loss_history": eval_history,
         "trained_tokens": tokens,
         "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
@@ -178,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fine_tuning.train.providers.selfhosted_train")
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--dataset", required=True)
+    parser.add_argument("--eval-dataset", default=None)
     parser.add_argument("--base-model-path", required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--status-file", required=True)
