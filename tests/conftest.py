@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from support import REPO, StatsdListener
+from support import REPO, TEST_REDIS_URL, StatsdListener, lease_redis_db
 
 
 # Airflow reads these when first imported: a throwaway home, the repo's DAGs and plugins.
@@ -70,20 +70,35 @@ def openai_env(emulator: object, monkeypatch: pytest.MonkeyPatch) -> object:
 @pytest.fixture(autouse=True)
 def isolated_breakers(monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test gets its own circuit-breaker keys in Redis: one test's injected faults must not
-    open the breaker that the next test calls through."""
+    open the breaker that the next test calls through. The product's Redis is the tests' one."""
     prefix = f"test:{uuid.uuid4().hex[:10]}:breaker"
     monkeypatch.setenv("FINE_TUNING_BREAKER_KEY_PREFIX", prefix)
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
     return prefix
 
 
 @pytest.fixture
-def airflow(pg_url: str, mlflow_uri: str, openai_env, tmp_path: Path) -> dict[str, str]:
+def redis_url() -> str:
+    """The tests' Redis (TEST_REDIS_URL), for keys under a prefix of the test's own."""
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    """A Redis database of this test's own (see ``support.lease_redis_db``), for keys whose names
+    are fixed: the routing hashes."""
+    with lease_redis_db() as url:
+        yield url
+
+
+@pytest.fixture
+def airflow(pg_url: str, mlflow_uri: str, openai_env, redis_db: str, tmp_path: Path) -> dict[str, str]:
     """An Airflow home on SQLite, pointed at this repo's DAGs and plugins and at the real services."""
     from fine_tuning.dev.demo import airflow_env
     from fine_tuning.dev.devstack import Stack
 
     stack = Stack(
-        database_url=pg_url, redis_url="redis://127.0.0.1:6379/0", mlflow_uri=mlflow_uri,
+        database_url=pg_url, redis_url=TEST_REDIS_URL, mlflow_uri=mlflow_uri,
         openai_base_url=openai_env.base_url, emulator_admin_url=openai_env.admin_url, workdir=tmp_path,
     )
     env = airflow_env(stack, pg_url, tmp_path / "airflow", tmp_path / "data")
@@ -92,7 +107,7 @@ def airflow(pg_url: str, mlflow_uri: str, openai_env, tmp_path: Path) -> dict[st
     config_file = tmp_path / "training_config.json"
     config_file.write_text(json.dumps({"evaluation": {"duration_hours": 0.003, "evaluation_interval_minutes": 0.05}}))
     env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
-    env["REDIS_URL"] = "redis://127.0.0.1:6379/8"
+    env["REDIS_URL"] = redis_db  # the run writes routing (fixed key names): a database of its own
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
     return env
 
@@ -102,3 +117,4 @@ def statsd_server() -> Iterator[StatsdListener]:
     listener = StatsdListener()
     yield listener
     listener.close()
+

@@ -22,19 +22,17 @@ T0 = datetime(2026, 11, 22, 2, tzinfo=UTC)
 
 
 @pytest.fixture
-def redis_client() -> redis.Redis:
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/9")
-    client.flushdb()
-    yield client
-    client.flushdb()
+def redis_client(redis_db: str) -> redis.Redis:
+    """Routing keys have fixed names: this test's own Redis database."""
+    return redis.Redis.from_url(redis_db)
 
 
 @pytest.fixture
-def config(pg_url: str) -> PipelineConfig:
+def config(pg_url: str, redis_db: str) -> PipelineConfig:
     with db.connect(pg_url) as conn:
         db.migrate(conn)
     return load_config(
-        env={"DATABASE_URL": pg_url, "REDIS_URL": "redis://127.0.0.1:6379/9"},
+        env={"DATABASE_URL": pg_url, "REDIS_URL": redis_db},
         params={
             "evaluation": {"duration_hours": 24, "power_history_hours": 24},
             "deployment": {"rollout_config": {"initial_traffic": 0.1, "increment_percentage": 0.45,
@@ -231,7 +229,7 @@ def test_each_look_logs_a_plot_to_the_pipeline_runs_mlflow_run(
 
 
 def test_the_evaluation_operator_defers_between_looks_and_returns_the_decision(
-    config: PipelineConfig, redis_client: redis.Redis, pg_url: str, monkeypatch: pytest.MonkeyPatch
+    config: PipelineConfig, redis_client: redis.Redis, pg_url: str, redis_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from types import SimpleNamespace
 
@@ -242,7 +240,7 @@ def test_the_evaluation_operator_defers_between_looks_and_returns_the_decision(
     from fine_tuning_airflow.ab_operators import ABTestEvaluationOperator
 
     monkeypatch.setenv("DATABASE_URL", pg_url)
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/9")
+    monkeypatch.setenv("REDIS_URL", redis_db)
     config.evaluation.duration_hours = 0.0005  # ~2 s
     test = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=now_utc())
     manifest = {
