@@ -118,3 +118,43 @@ def statsd_server() -> Iterator[StatsdListener]:
     yield listener
     listener.close()
 
+
+# ------------------------------------------------------------------ no silent skips, no hangs
+
+# `make test` (and so CI, through .ci/run) sets FINE_TUNING_TESTS_STRICT=1. There every install
+# step has run, so a missing extra (torch, transformers) or tool (promtool, hadolint) is a broken
+# install, and a skip would look green: under the flag a skip is a failure that says why.
+STRICT = os.environ.get("FINE_TUNING_TESTS_STRICT") == "1"
+STRICT_MESSAGE = "skipped under FINE_TUNING_TESTS_STRICT=1 (make test, CI), where nothing may be missing: "
+# Per-test limits (pytest-timeout; the default is pyproject's `timeout`): an end-to-end test runs
+# real Airflow (`airflow dags test`, `airflow standalone`) for minutes; a unit test has no reason
+# to take more than the default, and a hang fails there instead of eating CI's 90 minutes.
+SLOW_TEST_TIMEOUT_SECONDS = 1200
+
+
+def _skip_reason(longrepr: object) -> str:
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = STRICT_MESSAGE + _skip_reason(report.longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT and report.skipped:  # a module-level importorskip or skip
+        report.outcome = "failed"
+        report.longrepr = STRICT_MESSAGE + _skip_reason(report.longrepr)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_SECONDS))
