@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv promtool demo test test-fast serve bench soak lint clean
+.PHONY: venv promtool demo test test-fast test-random mutation serve bench soak lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-selfhosted.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ serve: venv
 ## FINE_TUNING_TESTS_STRICT=1: every extra and tool is installed here, so a skip is a failure.
 test: lint
 	FINE_TUNING_TESTS_STRICT=1 $(PY) -m pytest -q -p no:cacheprovider
+
+## every test but the slow ones in a random order (pytest-randomly; RANDOM_SEED=n repeats one)
+test-random: venv
+	FINE_TUNING_TESTS_STRICT=1 $(PY) -m pytest -q -p no:cacheprovider -p randomly -m "not slow" \
+	  $(if $(RANDOM_SEED),--randomly-seed=$(RANDOM_SEED))
 
 ## lint, then every test but the slow ones (end to end, real Airflow, scale)
 test-fast: lint

@@ -105,8 +105,14 @@ def airflow(pg_url: str, mlflow_uri: str, openai_env, redis_db: str, tmp_path: P
     env["MLFLOW_EXPERIMENT_NAME"] = f"e2e_{tmp_path.name}"
     # An A/B test of seconds: with no traffic it cannot promote, so it ends in "reject".
     config_file = tmp_path / "training_config.json"
-    config_file.write_text(json.dumps({"evaluation": {"duration_hours": 0.003, "evaluation_interval_minutes": 0.05}}))
+    # The registered model is this test's own (the session's MLflow is shared by every test).
+    model_name = f"content_agent_{uuid.uuid4().hex[:10]}"
+    config_file.write_text(json.dumps({
+        "evaluation": {"duration_hours": 0.003, "evaluation_interval_minutes": 0.05},
+        "mlflow": {"registered_model_name": model_name},
+    }))
     env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
+    env["FINE_TUNING_TEST_MODEL_NAME"] = model_name  # for the test to find it; the product ignores it
     env["REDIS_URL"] = redis_db  # the run writes routing (fixed key names): a database of its own
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
     return env

@@ -57,7 +57,7 @@ def test_weekly_dag_end_to_end_selfhosted(
     assert collected["token_counter"] == f"{base / 'tokenizer.json'} with its chat template"
 
     client = MlflowClient(mlflow_uri, mlflow_uri)
-    version = client.get_model_version_by_alias("content-agent", "challenger")
+    version = client.get_model_version_by_alias(airflow["FINE_TUNING_TEST_MODEL_NAME"], "challenger")
     assert version.tags["provider"] == "selfhosted"
     assert version.tags["fine_tuned_model"].startswith("selfhosted:")
     files = {f.path for f in client.list_artifacts(version.run_id, "fine_tuned_model/adapter")}

@@ -35,6 +35,7 @@ USERS = "admin:admin,viewer:viewer,reader:viewer,runner:user"
 @pytest.fixture(scope="module")
 def airflow_app() -> Iterator[Any]:
     """Airflow's API app on this session's (migrated) Airflow home, with the DAGs serialized."""
+    before = os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS")
     os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = USERS
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     for command in (["db", "migrate"], ["dags", "reserialize"]):
@@ -45,6 +46,11 @@ def airflow_app() -> Iterator[Any]:
     app = create_app("core")
     yield app
     purge_cached_app()
+    # The environment as the module found it: a later test must not see these users.
+    if before is None:
+        os.environ.pop("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", None)
+    else:
+        os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = before
 
 
 @pytest.fixture(scope="module")

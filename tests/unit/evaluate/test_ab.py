@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -276,7 +277,7 @@ def test_deploy_refuses_when_a_fine_tuned_baseline_is_not_registered(
 ) -> None:
     """A rollback must be able to restore the baseline: an unregistered fine-tune cannot be."""
     config.mlflow.tracking_uri = mlflow_uri
-    config.mlflow.registered_model_name = "baseline_check_model"
+    config.mlflow.registered_model_name = f"baseline_check_{uuid.uuid4().hex[:8]}"
     url = config.services.database_url.get_secret_value()
     insert_promoted_test(url, "ab-3", "ft:gpt-3.5-turbo-0125:org:weekly:gone")
     with pytest.raises(rollout.DeploymentRefused, match="not registered"):
