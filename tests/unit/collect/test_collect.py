@@ -505,20 +505,35 @@ def test_memory_stays_flat_at_100k_posts(conn: psycopg.Connection[Any], pg_url: 
 
 def test_migrate_is_idempotent_and_safe_in_parallel(pg_url: str) -> None:
     """Two processes migrating one schema at once: one applies, the other waits and applies
-    nothing; running again changes nothing."""
-    barrier = threading.Barrier(2)
+    nothing; running again changes nothing. The overlap is forced, not hoped for: the test holds
+    the schema's migration lock until both migrators are seen waiting on it in pg_stat_activity."""
+    import time
+
     results: list[list[str]] = []
 
     def migrate_once() -> None:
         with db.connect(pg_url) as connection:
-            barrier.wait()
             results.append(db.migrate(connection))
 
-    threads = [threading.Thread(target=migrate_once) for _ in range(2)]
+    with db.connect(pg_url) as holder, holder.transaction():
+        holder.execute(db._LOCK_SQL)
+        threads = [threading.Thread(target=migrate_once) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        waiting = 0
+        while waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            waiting = holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                "             AND objid = (SELECT objid FROM pg_locks WHERE pid = pg_backend_pid()"
+                "                          AND locktype = 'advisory' AND granted))"
+            ).fetchone()[0]
+        assert waiting == 2, "both migrators should be waiting on the lock the test holds"
+        assert results == []  # neither got past the lock
     for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        thread.join(30)
     every = [m.name for m in db.load_migrations()]
     assert sorted(results) == [[], every]
 
