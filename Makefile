@@ -58,6 +58,19 @@ soak: venv
 	SOAK_RUNS=$${SOAK_RUNS:-20} $(PY) bench/fault_soak.py
 	$(PY) bench/breaker_overhead.py
 
+## mutation check (mutmut, not run by CI) of stats, breakers, routing and rollout against their
+## unit tests (bench/mutmut.toml); needs the local PostgreSQL and Redis. MUTMUT_ARGS="name*" picks
+## mutants, e.g. "fine_tuning.routing*". Work and results stay in .local/mutation.
+MUTATION_DIR := .local/mutation
+mutation: venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-mutation.txt
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
+	ln -s $(CURDIR)/include $(MUTATION_DIR)/src
+	ln -s $(CURDIR)/tests $(CURDIR)/plugins $(CURDIR)/dags $(CURDIR)/include $(MUTATION_DIR)/
+	cat pyproject.toml bench/mutmut.toml > $(MUTATION_DIR)/pyproject.toml
+	cd $(MUTATION_DIR) && $(CURDIR)/$(VENV)/bin/mutmut run $(MUTMUT_ARGS) || true
+	cd $(MUTATION_DIR) && $(CURDIR)/$(PY) $(CURDIR)/bench/mutation_score.py
+
 ## ruff (its rules include AIR: Airflow 3 imports), ruff's format check, mypy (pyproject.toml)
 lint: venv
 	$(VENV)/bin/ruff check include plugins dags
