@@ -187,12 +187,29 @@ def test_each_trigger_rolls_back(
     simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
                      behaviours={BASE: ModelBehaviour(), CAND: behaviour}, requests=3000, start=T0,
                      end=T0 + timedelta(minutes=30), seed=7)
-    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(minutes=30))
+    # The monitor runs on its DAG's schedule (dags/rollout_monitor.py): its first run after the
+    # last bad post must be the one that switches the routing back.
+    from airflow.dag_processing.dagbag import DagBag
+    from croniter import croniter
+
+    from support import REPO
+
+    schedule = DagBag(str(REPO / "dags" / "rollout_monitor.py")).dags["rollout_monitor"].timetable.expression
+    with psycopg.connect(url) as conn:
+        last_bad = conn.execute("SELECT max(ts) FROM posts WHERE model_id = %s", (CAND,)).fetchone()[0]
+    first_run = croniter(schedule, last_bad).get_next(datetime)
+    state = rollout.watch(config, redis_client, deployment["id"], first_run)
     assert state["status"] == "rolled_back" and fired in state["rollback_reason"]
     routing = get_routing(redis_client, "body")
     assert routing.baseline_model == BASE and routing.candidate_share == 0.0
+    assert routing.source == f"{deployment['id']}:rolled_back"
     detail = state["events"][-1]["detail"]
-    assert detail["trigger_to_switch_seconds"] < 30  # the design's goal; the figure is in the bench
+    # The switch is inside the measured trigger-to-switch time; from the last bad post to the
+    # switch is the wait for the monitor's run plus that (the schedule, not Redis, dominates).
+    assert 0 < detail["routing_switch_seconds"] <= detail["trigger_to_switch_seconds"]
+    exposure = (first_run - last_bad).total_seconds() + detail["trigger_to_switch_seconds"]
+    interval = (croniter(schedule, first_run).get_next(datetime) - first_run).total_seconds()
+    assert exposure <= interval + detail["trigger_to_switch_seconds"], (schedule, exposure)
 
 
 def test_manual_rollback_needs_a_reason_and_is_recorded(config: PipelineConfig, redis_client: redis.Redis) -> None:
