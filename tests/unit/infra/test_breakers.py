@@ -333,7 +333,9 @@ def test_two_processes_share_one_breaker() -> None:
     """Failures interleaved with successes in two processes open the one shared breaker, and
     once it is half-open, exactly one probe is admitted among eight processes."""
     prefix = f"test:{uuid.uuid4().hex[:10]}:b"
-    config = {"failure_threshold": 3, "minimum_calls": 10, "recovery_timeout_seconds": 1.0, "half_open_max_calls": 1}
+    # Open for 10 s: long enough that the breaker is still open when the slowest child on a loaded
+    # machine (a mutation run) has finished; the probe phase waits for the time Redis says.
+    config = {"failure_threshold": 3, "minimum_calls": 10, "recovery_timeout_seconds": 10.0, "half_open_max_calls": 1}
     here = CircuitBreaker("openai", BreakerConfig(**config), REDIS_URL, key_prefix=prefix)
     # Two processes, each alternating fail/success 3 times: 12 calls, half failed.
     results = run_children(prefix, "fail-then-succeed", config, "3", count=2)
@@ -342,7 +344,8 @@ def test_two_processes_share_one_breaker() -> None:
     snapshot = here.snapshot()
     assert snapshot.shared and snapshot.openings == 1  # one opening for the cluster, not one per process
 
-    time.sleep(1.1)
+    assert snapshot.opened_until is not None
+    time.sleep(max((snapshot.opened_until - datetime.now(UTC)).total_seconds(), 0) + 0.1)
     probes = run_children(prefix, "probe", config, count=8)
     assert sum(result["probe"] for result in probes) == 1, probes
 
