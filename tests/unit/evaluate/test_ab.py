@@ -58,6 +58,10 @@ def test_routing_is_deterministic_and_matches_the_split(redis_client: redis.Redi
     from fine_tuning.routing import arm_for
 
     routing = get_routing(redis_client, "body")
+    # choose_model serves what the routing in Redis says (a mutation run found it unchecked: a
+    # choose_model that ignored Redis and always served the default passed).
+    assert picks == [CAND if arm_for(routing, f"req-{i}") == "candidate" else BASE for i in range(2000)]
+    assert 150 <= picks.count(CAND) <= 250  # ~10% of 2000
     share = np.mean([arm_for(routing, f"request-{i}") == "candidate" for i in range(100_000)])
     assert abs(share - 0.1) <= 0.01
     # Raising the share keeps every request already on the candidate there.
