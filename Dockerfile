@@ -2,7 +2,9 @@
 # for the step pods (`python -m fine_tuning STEP`).
 FROM apache/airflow:3.3.2-python3.11
 
-USER airflow
+# The base image's airflow user by number (uid 50000, gid 0): a pod with runAsNonRoot can only
+# verify a numeric user (hadolint DL3066).
+USER 50000:0
 COPY --chown=airflow:root requirements.txt /opt/fine-tuning/requirements.txt
 # Installing apache-airflow at the base image's version keeps pip from moving Airflow itself.
 RUN pip install --no-cache-dir "apache-airflow==3.3.2" -r /opt/fine-tuning/requirements.txt

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv promtool demo test test-fast serve bench soak lint clean
+.PHONY: venv promtool demo test test-fast test-random mutation serve bench soak lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-selfhosted.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ venv: $(STAMP) promtool
 promtool:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
-	  || echo "promtool: could not install Debian's prometheus package; the promtool tests will be skipped"; }
+	  || echo "promtool: could not install Debian's prometheus package; the promtool tests will fail under make test"; }
 
 ## the main job: the weekly DAG end to end on local services
 demo: venv
@@ -31,9 +31,15 @@ demo: venv
 serve: venv
 	$(PY) -m fine_tuning.dev.serve
 
-## lint (ruff, format check, mypy), then the whole test suite
+## lint (ruff, format check, mypy), then the whole test suite; CI's command (.ci/run).
+## FINE_TUNING_TESTS_STRICT=1: every extra and tool is installed here, so a skip is a failure.
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	FINE_TUNING_TESTS_STRICT=1 $(PY) -m pytest -q -p no:cacheprovider
+
+## every test but the slow ones in a random order (pytest-randomly; RANDOM_SEED=n repeats one)
+test-random: venv
+	FINE_TUNING_TESTS_STRICT=1 $(PY) -m pytest -q -p no:cacheprovider -p randomly -m "not slow" \
+	  $(if $(RANDOM_SEED),--randomly-seed=$(RANDOM_SEED))
 
 ## lint, then every test but the slow ones (end to end, real Airflow, scale)
 test-fast: lint
@@ -51,6 +57,19 @@ bench: venv
 soak: venv
 	SOAK_RUNS=$${SOAK_RUNS:-20} $(PY) bench/fault_soak.py
 	$(PY) bench/breaker_overhead.py
+
+## mutation check (mutmut, not run by CI) of stats, breakers, routing and rollout against their
+## unit tests (bench/mutmut.toml); needs the local PostgreSQL and Redis. MUTMUT_ARGS="name*" picks
+## mutants, e.g. "fine_tuning.routing*". Work and results stay in .local/mutation.
+MUTATION_DIR := .local/mutation
+mutation: venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-mutation.txt
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
+	ln -s $(CURDIR)/include $(MUTATION_DIR)/src
+	ln -s $(CURDIR)/tests $(CURDIR)/plugins $(CURDIR)/dags $(CURDIR)/include $(MUTATION_DIR)/
+	cat pyproject.toml bench/mutmut.toml > $(MUTATION_DIR)/pyproject.toml
+	cd $(MUTATION_DIR) && $(CURDIR)/$(VENV)/bin/mutmut run $(MUTMUT_ARGS) || true
+	cd $(MUTATION_DIR) && $(CURDIR)/$(PY) $(CURDIR)/bench/mutation_score.py
 
 ## ruff (its rules include AIR: Airflow 3 imports), ruff's format check, mypy (pyproject.toml)
 lint: venv

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from support import REPO, StatsdListener
+from support import REPO, TEST_REDIS_URL, StatsdListener, lease_redis_db
 
 
 # Airflow reads these when first imported: a throwaway home, the repo's DAGs and plugins.
@@ -74,29 +74,50 @@ def openai_env(emulator: object, monkeypatch: pytest.MonkeyPatch) -> object:
 @pytest.fixture(autouse=True)
 def isolated_breakers(monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test gets its own circuit-breaker keys in Redis: one test's injected faults must not
-    open the breaker that the next test calls through."""
+    open the breaker that the next test calls through. The product's Redis is the tests' one."""
     prefix = f"test:{uuid.uuid4().hex[:10]}:breaker"
     monkeypatch.setenv("FINE_TUNING_BREAKER_KEY_PREFIX", prefix)
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
     return prefix
 
 
 @pytest.fixture
-def airflow(pg_url: str, mlflow_uri: str, openai_env, tmp_path: Path) -> dict[str, str]:
+def redis_url() -> str:
+    """The tests' Redis (TEST_REDIS_URL), for keys under a prefix of the test's own."""
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    """A Redis database of this test's own (see ``support.lease_redis_db``), for keys whose names
+    are fixed: the routing hashes."""
+    with lease_redis_db() as url:
+        yield url
+
+
+@pytest.fixture
+def airflow(pg_url: str, mlflow_uri: str, openai_env, redis_db: str, tmp_path: Path) -> dict[str, str]:
     """An Airflow home on SQLite, pointed at this repo's DAGs and plugins and at the real services."""
     from fine_tuning.dev.demo import airflow_env
     from fine_tuning.dev.devstack import Stack
 
     stack = Stack(
-        database_url=pg_url, redis_url="redis://127.0.0.1:6379/0", mlflow_uri=mlflow_uri,
+        database_url=pg_url, redis_url=TEST_REDIS_URL, mlflow_uri=mlflow_uri,
         openai_base_url=openai_env.base_url, emulator_admin_url=openai_env.admin_url, workdir=tmp_path,
     )
     env = airflow_env(stack, pg_url, tmp_path / "airflow", tmp_path / "data")
     env["MLFLOW_EXPERIMENT_NAME"] = f"e2e_{tmp_path.name}"
     # An A/B test of seconds: with no traffic it cannot promote, so it ends in "reject".
     config_file = tmp_path / "training_config.json"
-    config_file.write_text(json.dumps({"evaluation": {"duration_hours": 0.003, "evaluation_interval_minutes": 0.05}}))
+    # The registered model is this test's own (the session's MLflow is shared by every test).
+    model_name = f"content_agent_{uuid.uuid4().hex[:10]}"
+    config_file.write_text(json.dumps({
+        "evaluation": {"duration_hours": 0.003, "evaluation_interval_minutes": 0.05},
+        "mlflow": {"registered_model_name": model_name},
+    }))
     env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
-    env["REDIS_URL"] = "redis://127.0.0.1:6379/8"
+    env["FINE_TUNING_TEST_MODEL_NAME"] = model_name  # for the test to find it; the product ignores it
+    env["REDIS_URL"] = redis_db  # the run writes routing (fixed key names): a database of its own
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
     return env
 
@@ -106,3 +127,44 @@ def statsd_server() -> Iterator[StatsdListener]:
     listener = StatsdListener()
     yield listener
     listener.close()
+
+
+# ------------------------------------------------------------------ no silent skips, no hangs
+
+# `make test` (and so CI, through .ci/run) sets FINE_TUNING_TESTS_STRICT=1. There every install
+# step has run, so a missing extra (torch, transformers) or tool (promtool, hadolint) is a broken
+# install, and a skip would look green: under the flag a skip is a failure that says why.
+STRICT = os.environ.get("FINE_TUNING_TESTS_STRICT") == "1"
+STRICT_MESSAGE = "skipped under FINE_TUNING_TESTS_STRICT=1 (make test, CI), where nothing may be missing: "
+# Per-test limits (pytest-timeout; the default is pyproject's `timeout`): an end-to-end test runs
+# real Airflow (`airflow dags test`, `airflow standalone`) for minutes; a unit test has no reason
+# to take more than the default, and a hang fails there instead of eating CI's 90 minutes.
+SLOW_TEST_TIMEOUT_SECONDS = 1200
+
+
+def _skip_reason(longrepr: object) -> str:
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = STRICT_MESSAGE + _skip_reason(report.longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT and report.skipped:  # a module-level importorskip or skip
+        report.outcome = "failed"
+        report.longrepr = STRICT_MESSAGE + _skip_reason(report.longrepr)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_SECONDS))

@@ -10,9 +10,13 @@ from types import TracebackType
 
 
 class FaultyProxy:
-    """``127.0.0.1:port`` -> ``target``; ``down()`` closes the port (connection refused) and cuts
+    """``127.0.0.1:port`` -> ``target``; ``down()`` stops listening (connection refused) and cuts
     open connections, ``up()`` listens again on the same port; ``delay_seconds`` slows each
-    client-to-server chunk (each HTTP request)."""
+    client-to-server chunk (each HTTP request).
+
+    The port is the kernel's pick (bind to port 0) and stays bound while the proxy is down, by a
+    socket that does not listen (a connection to it is refused): no other process can take it
+    between ``down()`` and ``up()``."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -21,18 +25,22 @@ class FaultyProxy:
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self._held = self._bind(0)
+        self.port: int = self._held.getsockname()[1]
+
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        return sock
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def up(self) -> FaultyProxy:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener, self._held = self._held or self._bind(self.port), None
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
@@ -46,6 +54,8 @@ class FaultyProxy:
             except OSError:
                 pass
             listener.close()
+            # Hold the port at once (the window is this line, not the whole outage).
+            self._held = self._bind(self.port)
         with self._lock:
             for sock in self._sockets:
                 try:
@@ -60,6 +70,13 @@ class FaultyProxy:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.down()
+        self.close()
+
+    def close(self) -> None:
+        """Give the port back (after ``down()``)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:

@@ -4,14 +4,19 @@ mapping as a function, and the runners of the real Airflow CLI."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -20,6 +25,55 @@ MONITORING = REPO / "include" / "monitoring"
 MAPPINGS: list[dict] = yaml.safe_load((MONITORING / "statsd-mapping.yaml").read_text())["mappings"]
 
 LAST_WEEK_END = datetime(2026, 11, 22, 2, tzinfo=UTC)  # a Sunday 02:00 tick of the schedule
+
+# The tests' Redis, named in this one place. Pointed at a dead port (TEST_REDIS_URL=redis://127.0.0.1:1/0)
+# every test that claims shared (Redis) state must fail: the breakers and the cache fall back to
+# per-process state when Redis is down, so a test that does not check it was shared proves nothing.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Database numbers a test may lease for keys whose names are fixed (routing:
+# ``fine_tuning:routing:{model_type}``). Others use this Redis too: 0 holds prefixed keys only, 5 is
+# `make demo`'s (DEMO_REDIS_DB), and 7, 8, 9, 12, 13 and 14 are left to the tests that still name a
+# database (main's retirement and routing-outage tests use 13 and 14).
+LEASABLE_REDIS_DBS = (1, 2, 3, 4, 6, 10, 11, 15)
+
+
+def redis_url_db(db: int) -> str:
+    """TEST_REDIS_URL with another database number."""
+    return urlunsplit(urlsplit(TEST_REDIS_URL)._replace(path=f"/{db}"))
+
+
+@contextmanager
+def lease_redis_db(wait_seconds: float = 120.0) -> Iterator[str]:
+    """The URL of a Redis database held by the caller alone until the block ends.
+
+    The lease is a key with an expiry in database 0 (a killed run frees it within the hour); the
+    database is emptied before (a killed holder's leftovers) and after. No other test on this
+    Redis holds it meanwhile, so emptying it touches nobody else's keys."""
+    import redis
+
+    leases = redis.Redis.from_url(TEST_REDIS_URL)
+    owner = uuid.uuid4().hex.encode()
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        db = next(
+            (n for n in LEASABLE_REDIS_DBS if leases.set(f"fine_tuning_tests:redis_db:{n}", owner, nx=True, ex=3600)),
+            None,
+        )
+        if db is not None:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no Redis database free among {LEASABLE_REDIS_DBS} on {TEST_REDIS_URL}")
+        time.sleep(0.5)
+    url = redis_url_db(db)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        lease = f"fine_tuning_tests:redis_db:{db}"
+        if leases.get(lease) == owner:
+            leases.delete(lease)
 
 
 class StatsdListener:

@@ -30,7 +30,7 @@ from fine_tuning.infra import db
 from fine_tuning.dev.demo import DAG_ID, airflow_env
 from fine_tuning.dev.devstack import Stack, free_port, wait_http
 from fine_tuning.dev.seed import seed_posts
-from support import REPO, StatsdListener
+from support import REPO, StatsdListener, lease_redis_db
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,9 @@ def services(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str, emulator
         for tick, count in {**BACKFILL_WEEKS, **CLI_BACKFILL_WEEKS}.items():
             seed_posts(conn, count, end=tick, days=7, bad_fraction=0.0, seed=count)
     emulator.reset()  # type: ignore[attr-defined]
-    yield {"posts_url": posts_url, "mlflow_uri": mlflow_uri, "emulator": emulator, "now": now}
+    with lease_redis_db() as redis_url:  # the runs write routing (fixed key names): a database of its own
+        yield {"posts_url": posts_url, "mlflow_uri": mlflow_uri, "emulator": emulator, "now": now,
+               "redis_url": redis_url}
     with psycopg.connect(PG_BASE_URL, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
@@ -116,7 +118,7 @@ def airflow(
         conn.execute(f'CREATE DATABASE "{meta_db}"')
     emulator = services["emulator"]
     stack = Stack(
-        database_url=services["posts_url"], redis_url="redis://127.0.0.1:6379/0", mlflow_uri=services["mlflow_uri"],
+        database_url=services["posts_url"], redis_url=services["redis_url"], mlflow_uri=services["mlflow_uri"],
         openai_base_url=emulator.base_url, emulator_admin_url=emulator.admin_url, workdir=home,
     )
     port = free_port()

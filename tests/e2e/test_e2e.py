@@ -37,7 +37,7 @@ def test_weekly_dag_end_to_end(airflow: dict[str, str], pg_url: str, openai_env,
     assert job["status"] == "succeeded"
 
     client = MlflowClient(mlflow_uri, mlflow_uri)
-    version = client.get_model_version_by_alias("content-agent", "challenger")
+    version = client.get_model_version_by_alias(airflow["FINE_TUNING_TEST_MODEL_NAME"], "challenger")
     assert version.tags["fine_tuning_job_id"] == job["id"]
     assert version.tags["fine_tuned_model"] == job["fine_tuned_model"]
 

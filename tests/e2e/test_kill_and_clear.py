@@ -121,6 +121,8 @@ def test_kill_at_every_point_then_clear_makes_everything_once(
     # 1. upload: the file is made, the reply held back; killed there. Cleared: found, not made again.
     emulator.inject_fault(method="POST", path="/v1/files", after_effect=True, delay_seconds=30)
     step.kill_when("upload", "collect", ready=lambda: len(emulator.state()["files"]) == 1)
+    # Killed after the effect and before its reply: the request is logged only once answered.
+    assert emulator.requests("POST", "/v1/files") == []
     emulator.clear_faults()
     upload = step.run("upload", "collect")
     (run_dir / "upload.json").write_text(json.dumps(upload))
@@ -129,6 +131,7 @@ def test_kill_at_every_point_then_clear_makes_everything_once(
     # 2. train, between upload and job creation: the job is made, the reply held back; killed.
     emulator.inject_fault(method="POST", path="/v1/fine_tuning/jobs", after_effect=True, delay_seconds=30)
     step.kill_when("train", "upload", ready=lambda: len(emulator.state()["jobs"]) == 1)
+    assert emulator.requests("POST", "/v1/fine_tuning/jobs") == []  # the job made, its reply not yet sent
     emulator.clear_faults()
     train = step.run("train", "upload")
     (run_dir / "train.json").write_text(json.dumps(train))
@@ -150,6 +153,8 @@ def test_kill_at_every_point_then_clear_makes_everything_once(
 
     mlflow_proxy.delay_seconds = 0.3
     step.kill_when("register", "collect", "train", "wait", ready=mlflow_run_exists)
+    # Killed half way: the run exists, the model version does not yet.
+    assert mlflow.search_model_versions(f"name = '{model_name}'") == []
     mlflow_proxy.delay_seconds = 0.0
     registration = step.run("register", "collect", "train", "wait")
     assert registration["status"] == "registered"

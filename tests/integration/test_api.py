@@ -35,6 +35,7 @@ USERS = "admin:admin,viewer:viewer,reader:viewer,runner:user"
 @pytest.fixture(scope="module")
 def airflow_app() -> Iterator[Any]:
     """Airflow's API app on this session's (migrated) Airflow home, with the DAGs serialized."""
+    before = os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS")
     os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = USERS
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     for command in (["db", "migrate"], ["dags", "reserialize"]):
@@ -45,6 +46,11 @@ def airflow_app() -> Iterator[Any]:
     app = create_app("core")
     yield app
     purge_cached_app()
+    # The environment as the module found it: a later test must not see these users.
+    if before is None:
+        os.environ.pop("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", None)
+    else:
+        os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = before
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +82,18 @@ def viewer(airflow_app: Any) -> dict[str, str]:
 
 
 @pytest.fixture
-def services(pg_url: str, mlflow_uri: str, openai_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """The API server's environment: this test's schema, Redis, MLflow, emulator, a data dir."""
+def services(
+    pg_url: str, mlflow_uri: str, openai_env: Any, redis_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict:
+    """The API server's environment: this test's schema, Redis database (routing keys have fixed
+    names), MLflow, emulator, a data dir."""
     with db.connect(pg_url) as conn:
         db.migrate(conn)
     monkeypatch.setenv("DATABASE_URL", pg_url)
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("REDIS_URL", redis_db)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.setenv("FINE_TUNING_DATA_DIR", str(tmp_path / "data"))
-    return {"pg_url": pg_url, "data_dir": tmp_path / "data", "emulator": openai_env}
+    return {"pg_url": pg_url, "data_dir": tmp_path / "data", "emulator": openai_env, "redis_url": redis_db}
 
 
 def _clear_runs() -> None:
@@ -347,7 +356,7 @@ def test_ab_test_create_metrics_deploy_and_rollback(client: Any, admin: dict, vi
     ab_test_id = test["ab_test_id"]
     assert test["status"] == "running" and test["traffic_allocation"] == {"baseline": 0.8, "candidate": 0.2}
     assert test["monitoring_endpoints"]["metrics"] == f"/pipeline/evaluation/metrics/{ab_test_id}"
-    routing = redis.Redis.from_url("redis://127.0.0.1:6379/0").hgetall("fine_tuning:routing:body")
+    routing = redis.Redis.from_url(services["redis_url"]).hgetall("fine_tuning:routing:body")
     assert routing[b"candidate_model"].decode() == CANDIDATE
 
     # The test started an hour ago (posts need timestamps in its past window).
@@ -390,7 +399,7 @@ def test_ab_test_create_metrics_deploy_and_rollback(client: Any, admin: dict, vi
     )
     assert rolled.status_code == 200, rolled.text
     assert rolled.json()["status"] == "rolled_back" and "smoke" in rolled.json()["rollback_reason"]
-    routing = redis.Redis.from_url("redis://127.0.0.1:6379/0").hgetall("fine_tuning:routing:body")
+    routing = redis.Redis.from_url(services["redis_url"]).hgetall("fine_tuning:routing:body")
     assert routing[b"baseline_model"].decode() == BASELINE and float(routing[b"candidate"]) == 0.0
 
 
@@ -427,7 +436,6 @@ def test_a_selfhosted_candidate_that_vllm_cannot_load_starts_no_ab_test(
     monkeypatch.setenv("FINE_TUNING_SERVING_BASE_URL", vllm)
     # The breaker this opens is this test's alone (and its keys expire).
     monkeypatch.setenv("FINE_TUNING_BREAKER_KEY_PREFIX", f"test:{uuid.uuid4().hex[:8]}:breaker")
-    redis.Redis.from_url("redis://127.0.0.1:6379/0").delete("fine_tuning:routing:body")
     body = {**AB_BODY, "candidate_model": {"model_id": "selfhosted:weekly-adapter-7"}}
     response = client.post("/pipeline/evaluation/create-ab-test", json=body, headers=admin)
     assert response.status_code == 502, response.text
@@ -438,7 +446,7 @@ def test_a_selfhosted_candidate_that_vllm_cannot_load_starts_no_ab_test(
     assert 1 < int(again.headers["Retry-After"]) <= 61
     with psycopg.connect(services["pg_url"]) as conn:
         assert conn.execute("SELECT count(*) FROM ab_tests").fetchone()[0] == 0
-    assert not redis.Redis.from_url("redis://127.0.0.1:6379/0").exists("fine_tuning:routing:body")
+    assert not redis.Redis.from_url(services["redis_url"]).exists("fine_tuning:routing:body")
 
     bad = {**AB_BODY, "candidate_model": {"model_id": "selfhosted:../etc"}}
     response = client.post("/pipeline/evaluation/create-ab-test", json=bad, headers=admin)

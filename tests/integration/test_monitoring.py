@@ -59,6 +59,39 @@ def test_every_metric_maps_to_its_prometheus_name_and_labels() -> None:
         assert mapped == (spec.prometheus.format(**labels), labels), spec
 
 
+# Written by hand from the design's series names (reference/seed.md, the dashboards, the alert
+# rules), not from the mapping or metrics.py: what statsd_exporter must make of each StatsD line.
+# `map_statsd` is the tests' own model of statsd_exporter's glob matching (a `*` is one dotted
+# segment, the first match wins, $n/${n} fill names and labels); these pairs check the model and
+# the mapping together against an answer neither produced.
+GOLDEN_STATSD = [
+    ("fine_tuning.pipeline.execution_duration", ("fine_tuning_pipeline_execution_duration_seconds", {})),
+    ("fine_tuning.pipeline.runs.success", ("fine_tuning_pipeline_runs_total", {"status": "success"})),
+    ("fine_tuning.step.runs.collect.failed", ("fine_tuning_step_runs_total", {"step": "collect", "outcome": "failed"})),
+    ("fine_tuning.step.duration.train", ("fine_tuning_step_duration_seconds", {"step": "train"})),
+    ("fine_tuning.cache.requests.hit", ("fine_tuning_cache_requests_total", {"result": "hit"})),
+    ("fine_tuning.breaker.openai.state", ("fine_tuning_openai_circuit_breaker_state", {"service": "openai"})),
+    ("fine_tuning.breaker.mlflow.failures", ("fine_tuning_mlflow_failures_total", {"service": "mlflow"})),
+    ("fine_tuning.health.redis.up", ("fine_tuning_component_up", {"component": "redis"})),
+    ("fine_tuning.model.candidate.engagement_rate", ("fine_tuning_model_engagement_rate", {"variant": "candidate"})),
+    ("fine_tuning.ab_test.decisions.promote", ("fine_tuning_ab_test_decisions_total", {"decision": "promote"})),
+    ("fine_tuning.rollout.rollbacks.error_rate", ("fine_tuning_rollbacks_total", {"trigger": "error_rate"})),
+    ("airflow.dagrun.duration.success.weekly_fine_tuning", ("airflow_dagrun_duration", {"dag_id": "weekly_fine_tuning"})),
+    ("airflow.dag.weekly_fine_tuning.collect.duration",
+     ("airflow_task_duration", {"dag_id": "weekly_fine_tuning", "task_id": "collect"})),
+    # A `*` never spans a dot, and a name no rule covers is not exported under a guessed name.
+    ("fine_tuning.step.runs.collect", None),
+    ("fine_tuning.breaker.openai.extra.state", None),
+    ("fine_tuning.pipeline.runs", None),
+    ("fine_tuning.no_such_metric", None),
+]
+
+
+@pytest.mark.parametrize(("statsd_name", "expected"), GOLDEN_STATSD, ids=[pair[0] for pair in GOLDEN_STATSD])
+def test_the_mapping_turns_statsd_names_into_the_designs_series(statsd_name: str, expected: object) -> None:
+    assert map_statsd(statsd_name) == expected
+
+
 def test_helm_values_carry_the_mapping() -> None:
     values = yaml.safe_load((REPO / "helm-values.yaml").read_text())
     assert values["statsd"]["enabled"] is True

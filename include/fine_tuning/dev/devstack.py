@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,43 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]:
-    """An ``mlflow server`` (SQLite backend, proxied artifacts) on loopback; yields its URI."""
-    port = port or free_port()
+    """An ``mlflow server`` (SQLite backend, proxied artifacts) on loopback; yields its URI.
+
+    Without ``port``, a free one is picked; a server that exits before answering (another
+    process took the port in between) is started again on another, as the emulator's launcher
+    does: ``mlflow server`` cannot report a port of the kernel's choosing."""
     workdir.mkdir(parents=True, exist_ok=True)
-    logfile = (workdir / "mlflow.log").open("ab")
+    attempts = 1 if port else 3
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        logfile = (workdir / "mlflow.log").open("ab")
+        process = _start_mlflow(workdir, chosen, logfile)
+        uri = f"http://127.0.0.1:{chosen}"
+        try:
+            wait_http(f"{uri}/health", timeout=90, process=process)
+            if process.poll() is not None:  # someone else's server answered on that port
+                raise RuntimeError(f"mlflow server exited with {process.returncode}; {uri} is another's")
+        except RuntimeError:
+            stop_process(process)
+            logfile.close()
+            if attempt == attempts:
+                raise
+            continue
+        except BaseException:
+            stop_process(process)
+            logfile.close()
+            raise
+        try:
+            yield uri
+        finally:
+            stop_process(process)
+            logfile.close()
+        return
+
+
+def _start_mlflow(workdir: Path, port: int, logfile: IO[bytes]) -> subprocess.Popen:
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [
             str(mlflow_bin) if mlflow_bin.exists() else "mlflow",
             "server",
@@ -120,13 +152,6 @@ def mlflow_server(workdir: Path, port: int | None = None) -> Iterator[str]:
         stdout=logfile,
         stderr=subprocess.STDOUT,
     )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", timeout=90, process=process)
-        yield uri
-    finally:
-        stop_process(process)
-        logfile.close()
 
 
 @dataclass

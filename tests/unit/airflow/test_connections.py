@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import airflow.sdk  # noqa: F401 - importing Airflow puts plugins/ on sys.path
+import psycopg
 import pytest
 
 from fine_tuning.infra import db
@@ -37,7 +38,14 @@ def test_collect_reads_the_posts_database_of_the_connection(
         "data_interval_end": WINDOW_END,
     }
     manifest = FineTuningStepOperator(task_id="collect", step="collect").execute(context)
-    assert manifest["posts_scanned"] > 300
+    # Threshold 0: every post of the collected window at or above it is scanned (a missing rate
+    # counts as 0; the seeder's few negative rates are below it), no more, no fewer.
+    window = (datetime.fromisoformat(manifest["window_start"]), datetime.fromisoformat(manifest["window_end"]))
+    with psycopg.connect(pg_url) as conn:
+        in_window = conn.execute(
+            "SELECT count(*) FROM posts WHERE ts >= %s AND ts < %s AND NOT coalesce(engagement_rate, 0) < 0", window
+        ).fetchone()[0]
+    assert 300 < manifest["posts_scanned"] == in_window
 
     # The same collect straight from the library with the real database URL: the same dataset.
     from fine_tuning.collect.dataset import collect_training_data

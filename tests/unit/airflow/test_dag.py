@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -100,7 +101,9 @@ def test_a_bound_is_enforced_alike_by_the_dag_param_and_the_config(
 
     from fine_tuning.config import RUN_PARAMS, ConfigError, load_config
 
-    param = dagbag.dags["weekly_fine_tuning"].params.get_param(name)
+    # A copy: Param.resolve() keeps the value it resolved, and the DagBag is shared by the module
+    # (in a random order, test_weekly_params_are_the_config_schema then saw 'days_back' = 14).
+    param = copy.deepcopy(dagbag.dags["weekly_fine_tuning"].params.get_param(name))
     with pytest.raises(ParamValidationError):
         param.resolve(bad)
     with pytest.raises(ConfigError, match=".".join(RUN_PARAMS[name].path)):  # the error names it

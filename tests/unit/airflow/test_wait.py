@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import io
 import json
+import time
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -38,6 +39,18 @@ def start_job(client: OpenAI, examples: int = 12) -> str:
     return client.fine_tuning.jobs.create(model="gpt-3.5-turbo-0125", training_file=file.id).id
 
 
+def finished_job(client: OpenAI, job_id: str, timeout: float = 30.0) -> object:
+    """Poll until the job ends; it must have succeeded (a failed job would loop for ever)."""
+    deadline = time.monotonic() + timeout
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job {job_id} still {job.status} after {timeout} s"
+        time.sleep(0.05)
+        job = client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "succeeded", job
+    return job
+
+
 def context() -> dict:
     dag_run = SimpleNamespace(
         dag_id="weekly_fine_tuning", run_id="manual__wait", run_after=datetime(2026, 11, 22, tzinfo=UTC)
@@ -58,7 +71,7 @@ def test_trigger_serializes_ids_not_secrets() -> None:
 
 async def test_trigger_yields_success_with_the_model(connection: OpenAI) -> None:
     job_id = start_job(connection)
-    event = await FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__()
+    event = await asyncio.wait_for(FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__(), timeout=30)
     assert event.payload["status"] == "success"
     assert event.payload["provider"] == "openai" and event.payload["job_status"] == "succeeded"
     assert event.payload["result"]["model_reference"].startswith("ft:")
@@ -67,7 +80,7 @@ async def test_trigger_yields_success_with_the_model(connection: OpenAI) -> None
 
 async def test_trigger_yields_error_for_an_invalid_file(connection: OpenAI) -> None:
     job_id = start_job(connection, examples=5)  # OpenAI needs at least 10 examples
-    event = await FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__()
+    event = await asyncio.wait_for(FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__(), timeout=30)
     assert event.payload["status"] == "error"
     assert event.payload["job_status"] == "failed"
     assert "10" in event.payload["message"]
@@ -76,12 +89,12 @@ async def test_trigger_yields_error_for_an_invalid_file(connection: OpenAI) -> N
 async def test_trigger_yields_error_when_cancelled(connection: OpenAI) -> None:
     job_id = start_job(connection)
     connection.fine_tuning.jobs.cancel(job_id)
-    event = await FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__()
+    event = await asyncio.wait_for(FineTuningJobTrigger(job_id=job_id, poll_interval=0.1).run().__anext__(), timeout=30)
     assert (event.payload["status"], event.payload["job_status"]) == ("error", "cancelled")
 
 
 async def test_trigger_yields_error_for_an_unknown_job(connection: OpenAI) -> None:
-    event = await FineTuningJobTrigger(job_id="ftjob-missing", poll_interval=0.1).run().__anext__()
+    event = await asyncio.wait_for(FineTuningJobTrigger(job_id="ftjob-missing", poll_interval=0.1).run().__anext__(), timeout=30)
     assert event.payload["status"] == "error" and "not found" in event.payload["message"]
 
 
@@ -92,11 +105,9 @@ def test_operator_defers_then_completes(connection: OpenAI) -> None:
         operator.execute(context())
     assert isinstance(deferred.value.trigger, FineTuningJobTrigger)
     assert deferred.value.method_name == "execute_complete"
-    job = connection.fine_tuning.jobs.retrieve(job_id)
-    while job.status != "succeeded":
-        job = connection.fine_tuning.jobs.retrieve(job_id)
+    job = finished_job(connection, job_id)
     trigger = deferred.value.trigger
-    event = asyncio.run(trigger.run().__anext__())  # what the triggerer hands back
+    event = asyncio.run(asyncio.wait_for(trigger.run().__anext__(), timeout=30))  # what the triggerer hands back
     result = operator.execute_complete(context(), event.payload)
     assert result["fine_tuned_model"] == job.fine_tuned_model and result["status"] == "succeeded"
     assert result["provider"] == "openai" and result["trained_tokens"] == job.trained_tokens
@@ -106,9 +117,7 @@ def test_operator_finishes_an_event_of_the_old_schema(connection: OpenAI) -> Non
     """A task deferred before the providers shared one event schema resumes with OpenAI's job
     object as ``job``: it still finishes."""
     job_id = start_job(connection)
-    job = connection.fine_tuning.jobs.retrieve(job_id)
-    while job.status != "succeeded":
-        job = connection.fine_tuning.jobs.retrieve(job_id)
+    job = finished_job(connection, job_id)
     operator = WaitForFineTuningJobOperator(task_id="wait", job_id=job_id)
     result = operator.execute_complete(context(), {"status": "success", "job": job.model_dump(mode="json")})
     assert result["fine_tuned_model"] == job.fine_tuned_model and result["status"] == "succeeded"

@@ -31,6 +31,15 @@ BODY_PROMPT = "{hook}\n\nWrite a detailed post:"
 HOOK_PROMPT = "Create engaging content"
 
 
+def cookbook_count(messages: list[dict[str, str]], encoding: str) -> int:
+    """The expected count, outside the counter under test: OpenAI's cookbook rule ("How to count
+    tokens with tiktoken": 3 per message, its values' tokens, 3 to prime the reply) written here,
+    on the packaged encoding (test_tokens checks it against tiktoken's published token ids, and
+    the product's counter against the cookbook's published counts)."""
+    enc = tokens.get_encoding(encoding)
+    return 3 + sum(3 + sum(len(enc.encode_ordinary(value)) for value in m.values()) for m in messages)
+
+
 @pytest.fixture
 def conn(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
     with db.connect(pg_url, autocommit=True) as connection:
@@ -123,7 +132,7 @@ def test_writes_best_posts_first_as_chat_jsonl(
         assert [m["role"] for m in messages] == ["system", "user", "assistant"]
         assert all(set(m) == {"role", "content"} for m in messages)
         assert messages[0]["content"].startswith("You write social posts as persona p")
-        token_sum += tokens.count_chat_tokens(messages, config.training.base_model)
+        token_sum += cookbook_count(messages, "cl100k_base")  # gpt-3.5-turbo-0125's
         if index % 2 == 0:
             assert messages[1]["content"] == HOOK_PROMPT
         else:
@@ -399,7 +408,7 @@ def test_selfhosted_collect_counts_with_the_base_models_tokenizer(
         for messages in examples
     )
     assert manifest.tokens == expected
-    assert manifest.tokens != sum(tokens.count_chat_tokens(messages, "gpt-4o") for messages in examples)
+    assert manifest.tokens != sum(cookbook_count(messages, "o200k_base") for messages in examples)
     on_disk = CollectManifest.from_json((tmp_path / "collect.json").read_text())
     assert on_disk.token_counter == manifest.token_counter
     said = [r.getMessage() for r in caplog.records if "counts tokens with" in r.getMessage()]
@@ -457,7 +466,7 @@ def test_selfhosted_collect_without_the_base_model_approximates_once_and_records
         f"training.selfhosted.base_model_path {missing})"
     )
     lines = read_lines(tmp_path / "out" / "dataset.jsonl")
-    assert manifest.tokens == sum(tokens.count_chat_tokens(line["messages"], "gpt-4o") for line in lines)
+    assert manifest.tokens == sum(cookbook_count(line["messages"], "o200k_base") for line in lines)
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     said = f"collect token counts are approximate: {manifest.token_counter}"
     assert [r.getMessage() for r in warnings] == [said]
@@ -524,20 +533,35 @@ def test_memory_stays_flat_at_100k_posts(conn: psycopg.Connection[Any], pg_url: 
 
 def test_migrate_is_idempotent_and_safe_in_parallel(pg_url: str) -> None:
     """Two processes migrating one schema at once: one applies, the other waits and applies
-    nothing; running again changes nothing."""
-    barrier = threading.Barrier(2)
+    nothing; running again changes nothing. The overlap is forced, not hoped for: the test holds
+    the schema's migration lock until both migrators are seen waiting on it in pg_stat_activity."""
+    import time
+
     results: list[list[str]] = []
 
     def migrate_once() -> None:
         with db.connect(pg_url) as connection:
-            barrier.wait()
             results.append(db.migrate(connection))
 
-    threads = [threading.Thread(target=migrate_once) for _ in range(2)]
+    with db.connect(pg_url) as holder, holder.transaction():
+        holder.execute(db._LOCK_SQL)
+        threads = [threading.Thread(target=migrate_once) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        waiting = 0
+        while waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            waiting = holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+                " AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                "             AND objid = (SELECT objid FROM pg_locks WHERE pid = pg_backend_pid()"
+                "                          AND locktype = 'advisory' AND granted))"
+            ).fetchone()[0]
+        assert waiting == 2, "both migrators should be waiting on the lock the test holds"
+        assert results == []  # neither got past the lock
     for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        thread.join(30)
     every = [m.name for m in db.load_migrations()]
     assert sorted(results) == [[], every]
 

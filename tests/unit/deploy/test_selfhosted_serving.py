@@ -29,7 +29,6 @@ from fine_tuning.manifests import EvaluationManifest, RegistrationManifest, RunC
 from fine_tuning.deploy.serving import AdapterLoadError
 from fine_tuning.routing import Routing, get_routing, set_routing
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
 BASE_MODEL = "tiny-chat"
 OLD, NEW = "ftp-0000old-1", "ftp-1111new-1"  # adapter names (vLLM lora_name) of two weekly jobs
 API_KEY = "vllm-test-key"
@@ -112,11 +111,9 @@ class FakeVLLM:
 
 
 @pytest.fixture
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
+def redis_client(redis_db: str) -> redis.Redis:
+    """Routing keys have fixed names: this test's own Redis database."""
+    return redis.Redis.from_url(redis_db)
 
 
 @pytest.fixture
@@ -127,11 +124,11 @@ def vllm(redis_client: redis.Redis) -> Iterator[FakeVLLM]:
 
 
 @pytest.fixture
-def config(pg_url: str, mlflow_uri: str, vllm: FakeVLLM, tmp_path: Path) -> PipelineConfig:
+def config(pg_url: str, mlflow_uri: str, vllm: FakeVLLM, redis_db: str, tmp_path: Path) -> PipelineConfig:
     with db.connect(pg_url) as conn:
         db.migrate(conn)
     return load_config(
-        env={"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL, "VLLM_API_KEY": API_KEY},
+        env={"DATABASE_URL": pg_url, "REDIS_URL": redis_db, "VLLM_API_KEY": API_KEY},
         params={
             "data_dir": str(tmp_path / "data"),
             "training": {"provider": "selfhosted", "base_model": BASE_MODEL, "selfhosted": {

@@ -191,9 +191,11 @@ def test_offline_cli_fixed_and_sequential() -> None:
         "traffic_split": 0.1,
     }
     fixed = json.loads(run_cli(payload, "--method", "fixed").stdout)
-    lift = stats.relative_lift(stats.ArmSummary(4500, 0.068, 0.0009), stats.ArmSummary(500, 0.082, 0.0009))
     assert fixed["relative_lift"] == pytest.approx(0.082 / 0.068 - 1)
-    assert (fixed["ci_lower"], fixed["ci_upper"]) == pytest.approx((lift.ci_lower, lift.ci_upper))
+    # Worked by hand (delta method for a ratio of independent means), not by stats.relative_lift:
+    # se^2 = 0.0009 / (500 * 0.068^2) + 0.082^2 * 0.0009 / (4500 * 0.068^4) = 0.021264^2, and
+    # 0.205882 -/+ 1.959964 * 0.021264 = (0.164205, 0.247560).
+    assert (fixed["ci_lower"], fixed["ci_upper"]) == pytest.approx((0.164205, 0.247560), abs=1e-6)
     sequential = json.loads(run_cli(payload).stdout)
     assert sequential["ci_lower"] < fixed["ci_lower"]  # always-valid intervals are wider
     for key in ("p_value", "srm_p_value", "decision", "reasons"):
@@ -216,20 +218,28 @@ def test_offline_cli_bad_input(payload: dict, field: str) -> None:
 
 
 def test_sequential_guardrails_do_not_false_alarm_under_peeking() -> None:
-    """Same quality in both arms, looked at 24 times: the always-valid harm test stays quiet."""
+    """Same quality in both arms, looked at 24 times through the production path (guardrail_mean
+    into analyze, sequential): the guardrail is violated, and the test rejected for it, in at most
+    5% of the A/A tests."""
     rng = np.random.default_rng(21)
     alarms = 0
     for _ in range(300):
         b_all, c_all = rng.normal(0.78, 0.08, 12_000), rng.normal(0.78, 0.08, 5_000)
+        eb_all, ec_all = rng.beta(2, 28, 12_000), rng.beta(2, 28, 5_000)
+        previous = 1.0
         for look in range(1, 25):
-            b, c = summary(b_all[: 500 * look]), summary(c_all[: 208 * look])
-            # What guardrail_mean measures (quality: lower is worse), without its fixed-horizon tests.
-            guardrail = stats.Guardrail(
-                "quality_score", b.mean, c.mean, 0.05 * b.mean, 1.0, 1.0,
-                worse_by=b.mean - c.mean, std_error=math.sqrt(b.variance / b.n + c.variance / c.n),
+            nb, nc = 500 * look, 208 * look
+            quality = stats.guardrail_mean(
+                "quality_score", summary(b_all[:nb]), summary(c_all[:nc]), 0.05, higher_is_worse=False
             )
-            guardrail.make_sequential()
-            if guardrail.p_harm < 0.05:  # Holm over a single guardrail is the p-value itself
+            analysis = stats.analyze(
+                summary(eb_all[:nb]), summary(ec_all[:nc]), 208 / 708, method="sequential",
+                guardrails=[quality], previous_p_value=previous,
+            )
+            previous = analysis.p_value
+            assert analysis.guardrails == [quality]
+            if quality.status == "violated":
+                assert analysis.decision == "reject", analysis.reasons
                 alarms += 1
                 break
     assert alarms / 300 <= 0.05

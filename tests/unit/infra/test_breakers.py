@@ -19,6 +19,7 @@ import openai
 import pytest
 import redis
 from airflow.sdk.definitions.retry_policy import RetryAction
+from support import TEST_REDIS_URL
 
 from fine_tuning.infra.breakers import (
     BREAKER_NAMES,
@@ -32,8 +33,10 @@ from fine_tuning.config import BreakerConfig, load_config
 from fine_tuning_airflow.breaker_operator import CircuitOpenRetryPolicy
 from fine_tuning_airflow.operators import FineTuningStepOperator, WaitForFineTuningJobOperator
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+REDIS_URL = TEST_REDIS_URL
+# Nothing listens on port 1. A URL of this module's own: "unreachable" is logged once per URL
+# per process, and TEST_REDIS_URL may itself point at a dead port.
+DEAD_REDIS_URL = f"redis://fallback-{uuid.uuid4().hex[:8]}@127.0.0.1:1/0"
 
 
 def settings(**overrides: object) -> BreakerConfig:
@@ -59,6 +62,25 @@ def storage(request: pytest.FixtureRequest) -> str | None:
     return REDIS_URL if request.param == "redis" else None
 
 
+def stored(breaker: CircuitBreaker) -> dict[str, str]:
+    """The breaker's hash as Redis holds it (empty when it is not there)."""
+    raw = redis.Redis.from_url(REDIS_URL).hgetall(breaker.keys[0])
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def assert_kept_where_claimed(breaker: CircuitBreaker, storage: str | None, state: str) -> None:
+    """The ``[redis]`` cases claim that every process sees this state: Redis must hold it (the
+    breaker falls back to per-process state when Redis is unreachable, with the same rules, so
+    without this check the ``[redis]`` cases would pass with Redis down). The per-process cases
+    say they are not shared (and so pass with Redis down)."""
+    snapshot = breaker.snapshot()
+    if storage is None:
+        assert not snapshot.shared and not breaker.shared
+        return
+    assert snapshot.shared, "the breaker fell back to per-process state: Redis did not hold it"
+    assert stored(breaker)["state"] == state, stored(breaker)
+
+
 def test_consecutive_failures_open_it_and_say_until_when(storage: str | None) -> None:
     breaker = make_breaker(storage)
     fail(breaker)
@@ -70,6 +92,9 @@ def test_consecutive_failures_open_it_and_say_until_when(storage: str | None) ->
     with pytest.raises(CircuitOpenError, match=r"circuit 'openai' open until \d\d:\d\d:\d\d UTC") as raised:
         breaker.call(lambda: "never called")
     assert 100 < raised.value.remaining_seconds <= 120
+    assert_kept_where_claimed(breaker, storage, "open")
+    if storage:
+        assert stored(breaker)["failures"] == "3" and stored(breaker)["openings"] == "1"
 
 
 def test_a_success_resets_the_consecutive_count(storage: str | None) -> None:
@@ -80,6 +105,9 @@ def test_a_success_resets_the_consecutive_count(storage: str | None) -> None:
     fail(breaker)
     fail(breaker)
     assert breaker.state == "closed"
+    assert_kept_where_claimed(breaker, storage, "closed")
+    if storage:
+        assert stored(breaker)["failures"] == "2" and stored(breaker)["win_n"] == "5"
 
 
 def test_interleaved_failures_open_it_by_rate(storage: str | None) -> None:
@@ -92,6 +120,9 @@ def test_interleaved_failures_open_it_by_rate(storage: str | None) -> None:
     fail(breaker)
     breaker.call(lambda: None)  # the 10th call: 5/10 failed
     assert breaker.state == "open"
+    assert_kept_where_claimed(breaker, storage, "open")
+    if storage:
+        assert stored(breaker)["failures"] == "0"  # the rate opened it, not a run of failures
 
 
 def test_slow_calls_open_it(storage: str | None) -> None:
@@ -99,6 +130,7 @@ def test_slow_calls_open_it(storage: str | None) -> None:
     for _ in range(3):
         breaker.call(time.sleep, 0.02)
     assert breaker.state == "open"
+    assert_kept_where_claimed(breaker, storage, "open")
 
 
 def test_half_open_probe_closes_or_reopens(storage: str | None) -> None:
@@ -121,6 +153,9 @@ def test_half_open_probe_closes_or_reopens(storage: str | None) -> None:
     time.sleep(0.3)
     fail(breaker)  # the probe fails
     assert breaker.state == "open"
+    assert_kept_where_claimed(breaker, storage, "open")
+    if storage:
+        assert stored(breaker)["openings"] == "3"  # opened, closed by its probes, opened, reopened by one
 
 
 def test_a_probe_whose_process_died_frees_its_slot_after_the_lease(storage: str | None) -> None:
@@ -133,6 +168,9 @@ def test_a_probe_whose_process_died_frees_its_slot_after_the_lease(storage: str 
         breaker.acquire()
     time.sleep(0.25)
     assert breaker.acquire().probe
+    assert_kept_where_claimed(breaker, storage, "half_open")
+    if storage:
+        assert stored(breaker)["probes"] == "1"  # the dead probe's slot was freed, then retaken
 
 
 def test_an_outcome_that_reaches_redis_twice_counts_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,6 +179,7 @@ def test_an_outcome_that_reaches_redis_twice_counts_once(monkeypatch: pytest.Mon
     open the breaker."""
     breaker = make_breaker(REDIS_URL)
     register = breaker._script
+    deliveries: list[list[Any]] = []
 
     def delivered_twice(client: Any, name: str, source: str) -> Any:
         script = register(client, name, source)
@@ -148,6 +187,7 @@ def test_an_outcome_that_reaches_redis_twice_counts_once(monkeypatch: pytest.Mon
             return script
 
         def resent(keys: list[str], args: list[Any]) -> Any:
+            deliveries.append(args)
             script(keys=keys, args=args)  # the delivery whose reply came too late
             return script(keys=keys, args=args)
 
@@ -157,8 +197,13 @@ def test_an_outcome_that_reaches_redis_twice_counts_once(monkeypatch: pytest.Mon
     fail(breaker)
     fail(breaker)
     assert (breaker.state, breaker.failure_count) == ("closed", 2)
+    assert stored(breaker)["failures"] == "2" and stored(breaker)["win_n"] == "2"  # twice delivered, once counted
     fail(breaker)
     assert breaker.state == "open"
+    # Every outcome went through the doubled script (a breaker that fell back to per-process
+    # state would never call it, and the test would prove nothing), each with its own id.
+    assert len(deliveries) == 3 and len({tuple(args) for args in deliveries}) == 3
+    assert_kept_where_claimed(breaker, REDIS_URL, "open")
 
 
 def test_what_counts_as_a_failure() -> None:
@@ -192,6 +237,9 @@ def test_what_counts_as_a_failure() -> None:
     for _ in range(5):
         fail(breaker, bad_file)
     assert breaker.state == "closed" and breaker.failure_count == 0
+    # The five answers were recorded as successes in the shared window, not lost.
+    assert_kept_where_claimed(breaker, REDIS_URL, "closed")
+    assert (stored(breaker)["win_n"], stored(breaker)["win_f"]) == ("5", "0")
 
 
 def test_listeners_hear_transitions_failures_and_successes() -> None:
@@ -219,6 +267,9 @@ def test_listeners_hear_transitions_failures_and_successes() -> None:
         ("failure", "ConnectionError"), ("state", "closed", "open"), ("state", "open", "half_open"),
         ("success",), ("state", "half_open", "closed"),
     ]
+    # The transitions the listener heard are the ones Redis made (one opening, closed again).
+    assert_kept_where_claimed(breaker, REDIS_URL, "closed")
+    assert stored(breaker)["openings"] == "1"
 
 
 def test_every_key_has_a_ttl() -> None:
@@ -248,19 +299,18 @@ CHILD = textwrap.dedent(
     import json, sys
     from fine_tuning.infra.breakers import CircuitBreaker, CircuitOpenError
     from fine_tuning.config import BreakerConfig
-    prefix, action = sys.argv[1], sys.argv[2]
-    breaker = CircuitBreaker("openai", BreakerConfig(**json.loads(sys.argv[3])), "redis://127.0.0.1:6379/0",
-                             key_prefix=prefix)
+    prefix, action, redis_url = sys.argv[1], sys.argv[2], sys.argv[4]
+    breaker = CircuitBreaker("openai", BreakerConfig(**json.loads(sys.argv[3])), redis_url, key_prefix=prefix)
     def boom():
         raise ConnectionError("down")
     if action == "fail-then-succeed":
-        for _ in range(int(sys.argv[4])):
+        for _ in range(int(sys.argv[5])):
             for call in (boom, lambda: None):
                 try:
                     breaker.call(call)
                 except (ConnectionError, CircuitOpenError):
                     pass
-        print(json.dumps({"state": breaker.state}))
+        print(json.dumps({"state": breaker.state, "shared": breaker.shared}))
     else:  # try to get a probe slot
         try:
             print(json.dumps({"probe": breaker.acquire().probe}))
@@ -272,7 +322,7 @@ CHILD = textwrap.dedent(
 
 def run_children(prefix: str, action: str, config: dict, *extra: str, count: int = 1) -> list[dict]:
     processes = [
-        subprocess.Popen([sys.executable, "-c", CHILD, prefix, action, json.dumps(config), *extra],
+        subprocess.Popen([sys.executable, "-c", CHILD, prefix, action, json.dumps(config), REDIS_URL, *extra],
                          stdout=subprocess.PIPE, text=True)
         for _ in range(count)
     ]
@@ -283,14 +333,19 @@ def test_two_processes_share_one_breaker() -> None:
     """Failures interleaved with successes in two processes open the one shared breaker, and
     once it is half-open, exactly one probe is admitted among eight processes."""
     prefix = f"test:{uuid.uuid4().hex[:10]}:b"
-    config = {"failure_threshold": 3, "minimum_calls": 10, "recovery_timeout_seconds": 1.0, "half_open_max_calls": 1}
+    # Open for 10 s: long enough that the breaker is still open when the slowest child on a loaded
+    # machine (a mutation run) has finished; the probe phase waits for the time Redis says.
+    config = {"failure_threshold": 3, "minimum_calls": 10, "recovery_timeout_seconds": 10.0, "half_open_max_calls": 1}
     here = CircuitBreaker("openai", BreakerConfig(**config), REDIS_URL, key_prefix=prefix)
     # Two processes, each alternating fail/success 3 times: 12 calls, half failed.
     results = run_children(prefix, "fail-then-succeed", config, "3", count=2)
+    assert all(result["shared"] for result in results), results
     assert here.state == "open", results
-    assert here.snapshot().openings == 1  # one opening for the cluster, not one per process
+    snapshot = here.snapshot()
+    assert snapshot.shared and snapshot.openings == 1  # one opening for the cluster, not one per process
 
-    time.sleep(1.1)
+    assert snapshot.opened_until is not None
+    time.sleep(max((snapshot.opened_until - datetime.now(UTC)).total_seconds(), 0) + 0.1)
     probes = run_children(prefix, "probe", config, count=8)
     assert sum(result["probe"] for result in probes) == 1, probes
 
@@ -317,10 +372,14 @@ def step_context(params: dict | None = None) -> dict:
 
 
 def open_breaker(name: str = "openai") -> CircuitBreaker:
-    breaker = get_breaker(name, load_config())  # the environment's key prefix, as the operator sees it
+    """Another worker opens the breaker: a breaker of its own on the environment's Redis and key
+    prefix, not the process's (``get_breaker``), so only Redis can tell the operator."""
+    config = load_config()
+    breaker = CircuitBreaker(name, getattr(config.breakers, name), config.services.redis_url.get_secret_value(),
+                             key_prefix=config.breakers.key_prefix)
     for _ in range(breaker.settings.failure_threshold):
         fail(breaker)
-    assert breaker.state == "open"
+    assert breaker.state == "open" and breaker.shared
     return breaker
 
 
@@ -389,13 +448,23 @@ async def test_trigger_opens_and_waits_out_the_breaker_under_the_runs_thresholds
     assert "sk-" not in json.dumps(kwargs)
     module, name = classpath.rsplit(".", 1)
     trigger = getattr(importlib.import_module(module), name)(**kwargs)
-    polls_before = len(openai_env.requests("GET", f"/v1/fine_tuning/jobs/{job.id}"))
     with caplog.at_level(logging.WARNING):
         event = await asyncio.wait_for(trigger.run().__anext__(), timeout=30)
     assert event.payload["status"] == "success"
     assert any("openai: closed -> open" in r.getMessage() for r in caplog.records), caplog.text
-    assert get_breaker("openai", load_config(params=params)).state == "closed"  # the probe closed it
-    assert len(openai_env.requests("GET", f"/v1/fine_tuning/jobs/{job.id}")) > polls_before
+    # What another worker reads from Redis: opened once by the failed poll, closed by the probe.
+    run_config = load_config(params=params)
+    seen = CircuitBreaker("openai", run_config.breakers.openai, run_config.services.redis_url.get_secret_value(),
+                          key_prefix=run_config.breakers.key_prefix).snapshot()
+    assert (seen.shared, seen.state, seen.openings) == (True, "closed", 1)
+    # The emulator's request log: the failed poll, then nothing for the open second (0.1 s polls
+    # would have made ~10), then the probe that found the job done.
+    polls = openai_env.requests("GET", f"/v1/fine_tuning/jobs/{job.id}")
+    failed = [i for i, r in enumerate(polls) if r["fault"]]
+    assert len(failed) == 1 and polls[failed[0]]["status"] == 500, polls
+    after = polls[failed[0] + 1 :]
+    assert after and after[-1]["status"] == 200, polls
+    assert after[0]["at"] - polls[failed[0]]["at"] >= 0.95, polls  # waited out the 1 s, not polled
 
 
 

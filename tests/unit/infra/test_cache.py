@@ -13,8 +13,9 @@ import redis
 from fine_tuning.infra.cache import MetricsCache
 from fine_tuning.config import load_config
 from fine_tuning_airflow.cache_hook import CachedMetricsHook
+from support import TEST_REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = TEST_REDIS_URL
 
 AGGREGATE = "SELECT arm, count(*) AS posts, avg(engagement)::float AS rate FROM arm_posts GROUP BY arm ORDER BY arm"
 

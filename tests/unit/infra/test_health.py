@@ -12,13 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fine_tuning.config import load_config
 from fine_tuning.infra.health import check_health, prometheus_text
+from support import TEST_REDIS_URL
 
 
 @pytest.fixture
 def service_env(pg_url: str, mlflow_uri: str, openai_env: object) -> dict[str, str]:
     return {
         "DATABASE_URL": pg_url,
-        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "REDIS_URL": TEST_REDIS_URL,
         "MLFLOW_TRACKING_URI": mlflow_uri,
         "OPENAI_BASE_URL": openai_env.base_url,  # type: ignore[attr-defined]
         "OPENAI_API_KEY": "sk-test-key",

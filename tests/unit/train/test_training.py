@@ -107,11 +107,14 @@ def test_a_create_that_times_out_but_lands_later_is_not_made_twice(
     openai_env.inject_fault(method="POST", path=path, status=None, delay_seconds=1.6, count=1)
     uploaded = pipeline.upload(config, ctx, collected)
     pipeline.train(config, ctx, uploaded)
-    time.sleep(1.0)  # anything still in flight has landed by now
+    # The delayed request is logged when the server has answered it (the client gave up long
+    # before): wait for that, not for a guessed time.
+    deadline = time.monotonic() + 15
+    while not any(r.get("fault") for r in openai_env.state()["requests"]):
+        assert time.monotonic() < deadline, "the injected delay never hit a request: the test proved nothing"
+        time.sleep(0.05)
     state = openai_env.state()
     assert len(state["files"]) == 1 and len(state["jobs"]) == 1
-    timed_out = [r for r in state["requests"] if r.get("fault")]
-    assert timed_out, "the injected delay never hit a request: the test proved nothing"
 
 
 def test_rate_limit_with_retry_after_is_retried(
