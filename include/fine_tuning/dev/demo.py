@@ -38,7 +38,10 @@ from fine_tuning.routing import get_routing
 REPO = Path(__file__).resolve().parents[3]
 DAG_ID = "weekly_fine_tuning"
 DEMO_SCHEMA = "fine_tuning_demo"
-BASELINE = "gpt-3.5-turbo-0125"
+# The agent's body model and what is fine-tuned from it. Costs are true prices (the product's
+# table): the fine-tune's tokens cost twice the base model's, but it needs no few-shot prompt.
+BASELINE = "gpt-4o-mini-2024-07-18"
+FINE_TUNED_TOKENS = {"prompt_tokens": 100.0, "completion_tokens": 320.0}
 DEMO_REDIS_DB = 5
 
 
@@ -84,6 +87,8 @@ def airflow_env(stack: Stack, database_url: str, airflow_home: Path, data_dir: P
 
 # Demo timings: an A/B test of minutes with a look every 10 s, rollout steps seconds apart.
 DEMO_CONFIG = {
+    "body_model": BASELINE,
+    "training": {"base_model": BASELINE},
     "evaluation": {
         "traffic_split": 0.3,
         "duration_hours": 0.1,
@@ -118,7 +123,7 @@ class TrafficSimulator(threading.Thread):
         self.redis_url = redis_url
         self.posts_per_second = posts_per_second
         self.behaviours: dict[str, ModelBehaviour] = {}
-        self.fine_tune_behaviour = ModelBehaviour(engagement=0.095, cost_per_token=1.6e-6)
+        self.fine_tune_behaviour = ModelBehaviour(engagement=0.095, **FINE_TUNED_TOKENS)
         self.stopping = threading.Event()
 
     def behaviour(self, model: str) -> ModelBehaviour:
@@ -286,13 +291,15 @@ def main(argv: list[str] | None = None) -> int:
                 "\n=== week 2: a better candidate wins its A/B test, then degrades in production ===",
                 flush=True,
             )
-            simulator.fine_tune_behaviour = ModelBehaviour(engagement=0.13, cost_per_token=1.3e-6)
+            simulator.fine_tune_behaviour = ModelBehaviour(engagement=0.13, **FINE_TUNED_TOKENS)
             champion = current_baseline(stack.redis_url)
-            simulator.behaviours[champion] = ModelBehaviour(engagement=0.095, cost_per_token=1.6e-6)
+            simulator.behaviours[champion] = ModelBehaviour(engagement=0.095, **FINE_TUNED_TOKENS)
             code = code or run_airflow_dag_test(env, quiet=True)
             print(summary(latest_run_dir(data_dir), stack.mlflow_uri), flush=True)
             # After the deploy, the new model starts failing 25% of its requests.
-            simulator.fine_tune_behaviour = ModelBehaviour(engagement=0.13, error_rate=0.25)
+            simulator.fine_tune_behaviour = ModelBehaviour(
+                engagement=0.13, error_rate=0.25, **FINE_TUNED_TOKENS
+            )
             time.sleep(6)
             code = code or run_airflow_dag_test(env, "rollout_monitor", quiet=True)
             print(rollout_summary(database_url), flush=True)

@@ -13,7 +13,18 @@ from scipy import stats as sps
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import samplesize_proportions_2indep_onetail
 
-from fine_tuning.evaluate import stats
+from fine_tuning.evaluate import analysis, stats
+
+ALL_OPTIONAL = ["cost", "quality_score", "response_time_ms", "error_rate"]
+
+
+def analyze(baseline: stats.ArmSummary, candidate: stats.ArmSummary, split: float, **kwargs) -> analysis.Analysis:
+    """The one analysis on engagement summaries alone (the other criteria optional)."""
+    guardrails = kwargs.pop("guardrails", None)
+    return analysis.analyze_look(
+        analysis.LookInputs(analysis.ArmInputs(baseline), analysis.ArmInputs(candidate), split),
+        analysis.Criteria(optional=ALL_OPTIONAL), extra_guardrails=guardrails, **kwargs,
+    )
 
 
 def summary(values: np.ndarray) -> stats.ArmSummary:
@@ -58,9 +69,7 @@ def test_srm_detects_a_broken_split() -> None:
     p = stats.srm_p_value(4400, 620, 0.1)
     assert p == pytest.approx(sps.chisquare([4400, 620], [5020 * 0.9, 5020 * 0.1]).pvalue)
     assert p < 0.001
-    result = stats.analyze(
-        stats.ArmSummary(4400, 0.068, 0.0009), stats.ArmSummary(620, 0.09, 0.0009), 0.1
-    )
+    result = analyze(stats.ArmSummary(4400, 0.068, 0.0009), stats.ArmSummary(620, 0.09, 0.0009), 0.1)
     assert result.decision == "reject" and not result.srm_ok
 
 
@@ -161,19 +170,19 @@ def test_underpowered_plan_says_what_would_work() -> None:
 
 def test_decisions_with_reasons() -> None:
     baseline = stats.ArmSummary(4500, 0.068, 0.03**2)
-    winner = stats.analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1)
+    winner = analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1)
     assert winner.decision == "promote"
     assert {r["criterion"] for r in winner.reasons} >= {"srm", "significance", "engagement_lift"}
-    small = stats.analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1)
+    small = analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1)
     assert small.decision == "continue"
-    done = stats.analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1, finished=True)
+    done = analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1, finished=True)
     assert done.decision == "reject"
-    loser = stats.analyze(baseline, stats.ArmSummary(500, 0.050, 0.03**2), 0.1)
+    loser = analyze(baseline, stats.ArmSummary(500, 0.050, 0.03**2), 0.1)
     assert loser.decision == "reject" and loser.ci_upper < 0
     slow = stats.guardrail_mean(
         "response_time_ms", stats.ArmSummary(4500, 1200, 200**2), stats.ArmSummary(500, 1500, 200**2), 0.1, True
     )
-    guarded = stats.analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1, guardrails=[slow])
+    guarded = analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1, guardrails=[slow])
     assert guarded.decision == "reject" and slow.status == "violated"
 
 
@@ -191,9 +200,10 @@ def test_offline_cli_fixed_and_sequential() -> None:
         "traffic_split": 0.1,
     }
     fixed = json.loads(run_cli(payload, "--method", "fixed").stdout)
-    lift = stats.relative_lift(stats.ArmSummary(4500, 0.068, 0.0009), stats.ArmSummary(500, 0.082, 0.0009))
+    test = stats.relative_lift_test(stats.ArmSummary(4500, 0.068, 0.0009), stats.ArmSummary(500, 0.082, 0.0009))
     assert fixed["relative_lift"] == pytest.approx(0.082 / 0.068 - 1)
-    assert (fixed["ci_lower"], fixed["ci_upper"]) == pytest.approx((lift.ci_lower, lift.ci_upper))
+    assert (fixed["ci_lower"], fixed["ci_upper"]) == pytest.approx((test.estimate.ci_lower, test.estimate.ci_upper))
+    assert fixed["p_value"] == pytest.approx(test.p_value)
     sequential = json.loads(run_cli(payload).stdout)
     assert sequential["ci_lower"] < fixed["ci_lower"]  # always-valid intervals are wider
     for key in ("p_value", "srm_p_value", "decision", "reasons"):
