@@ -263,6 +263,13 @@ class EvaluationConfig(_Section):
 
 class RolloutConfig(_Section):
     initial_traffic: float = Field(0.1, gt=0.0, le=1.0)
+    # "evidence": a stage advances once every guardrail is shown non-inferior (always-valid
+    # tests) on that stage's posts and min_dwell_hours have passed; "clock": every
+    # increment_interval_hours, whatever the evidence says (the seed's 24 h).
+    advance_on: Literal["evidence", "clock"] = "evidence"
+    min_dwell_hours: float = Field(2.0, gt=0)
+    # Engagement may be at most this share below the previous model's for a stage to pass.
+    engagement_margin: float = Field(0.10, gt=0.0, lt=1.0)
     # Hours; fractions allowed so that a demo's rollout lasts minutes.
     increment_interval_hours: float = Field(24, gt=0)
     increment_percentage: float = Field(0.1, gt=0.0, le=1.0)

@@ -85,7 +85,9 @@ def airflow_env(stack: Stack, database_url: str, airflow_home: Path, data_dir: P
     }
 
 
-# Demo timings: an A/B test of minutes with a look every 10 s, rollout steps seconds apart.
+# Demo timings: an A/B test of minutes with a look every 10 s; each rollout stage advances once
+# its guardrails are shown non-inferior on that stage's posts (the evidence ramp), after a dwell
+# of seconds. With seconds of traffic per stage the error-rate margin is 3 points, not 1.
 DEMO_CONFIG = {
     "body_model": BASELINE,
     "training": {"base_model": BASELINE},
@@ -94,12 +96,14 @@ DEMO_CONFIG = {
         "duration_hours": 0.1,
         "evaluation_interval_minutes": 0.15,
         "power_history_hours": 0.01,  # the simulator's last 36 s: the traffic the test will see
+        "guardrails": {"error_rate_absolute_margin": 0.03},
     },
     "deployment": {
         "rollout_config": {
             "initial_traffic": 0.2,
             "increment_percentage": 0.4,
-            "increment_interval_hours": 0.001,
+            "advance_on": "evidence",
+            "min_dwell_hours": 0.001,
         },
         "rollback_triggers": {"min_posts": 30},
     },
@@ -170,6 +174,32 @@ def rollout_summary(database_url: str) -> str:
                     f"  rollback: trigger to routing switched in {switch * 1000:.1f} ms (goal < 30 s)"
                 )
     return "\n".join(lines)
+
+
+def cost_summary(database_url: str) -> str:
+    """The latest A/B test's cost per post and per token (true prices) and its cost guardrail."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT id, last_analysis FROM ab_tests ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+    if row is None or not row[1] or "metrics" not in row[1]:
+        return "cost:              no A/B analysis recorded"
+    ab_test_id, body = row
+    arms = body["metrics"]
+    guard = next((r for r in body.get("reasons", []) if r["criterion"] == "guardrail:cost_per_post"), None)
+    verdict = (
+        f"guardrail {guard['status']} (at most +{guard['threshold'] / guard['baseline']:.0%})"
+        if guard
+        else "-"
+    )
+
+    def arm(name: str) -> str:
+        a = arms[name]
+        if a["cost_per_post"] is None:
+            return f"{name} -"
+        return f"{name} ${a['cost_per_post'] * 1000:.3f}/1k posts, ${a['cost_per_token'] * 1e6:.2f}/1M tokens"
+
+    return f"cost per post:     {arm('baseline')}; {arm('candidate')}; {verdict} ({ab_test_id})"
 
 
 def latest_run_dir(data_dir: Path) -> Path | None:
@@ -280,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n=== week 1: train a candidate, A/B test it, roll it out ===", flush=True)
             code = run_airflow_dag_test(env)
             print(summary(latest_run_dir(data_dir), stack.mlflow_uri), flush=True)
-            for _ in range(4):
+            print(cost_summary(database_url), flush=True)
+            for _ in range(6):
                 if not active_rollout(database_url):
                     break
                 time.sleep(4)
@@ -296,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             simulator.behaviours[champion] = ModelBehaviour(engagement=0.095, **FINE_TUNED_TOKENS)
             code = code or run_airflow_dag_test(env, quiet=True)
             print(summary(latest_run_dir(data_dir), stack.mlflow_uri), flush=True)
+            print(cost_summary(database_url), flush=True)
             # After the deploy, the new model starts failing 25% of its requests.
             simulator.fine_tune_behaviour = ModelBehaviour(
                 engagement=0.13, error_rate=0.25, **FINE_TUNED_TOKENS

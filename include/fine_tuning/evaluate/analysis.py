@@ -479,3 +479,52 @@ def analyze_look(
         reasons=reasons,
         running_ci=running_ci,
     )
+
+
+@dataclass
+class RampVerdict:
+    """Whether a rollout stage may advance: ``advance`` (every guardrail non-inferior),
+    ``hold`` (inconclusive or data missing), or ``rollback`` (a guardrail significantly worse)."""
+
+    verdict: Literal["advance", "hold", "rollback"]
+    guardrails: list[stats.Guardrail]
+    missing: list[str]
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ramp_verdict(inputs: LookInputs, criteria: Criteria, engagement_margin: float) -> RampVerdict:
+    """The evidence for one rollout stage, on the posts since the stage began (both arms).
+
+    The A/B test's guardrails (cost per post, latency, quality, errors) plus engagement within
+    ``engagement_margin`` of the previous model, each with its always-valid (mSPRT) tests, Holm
+    across them: a stage can be looked at every hour without inflating false alarms.
+    """
+    guardrails, missing = _guardrails(inputs, criteria)
+    b, c = inputs.baseline.engagement, inputs.candidate.engagement
+    if b is not None and c is not None and b.mean > 0:
+        guardrails.insert(
+            0, stats.guardrail_mean("engagement_rate", b, c, engagement_margin, higher_is_worse=False)
+        )
+    else:
+        missing.insert(0, "engagement_rate")
+    for guardrail in guardrails:
+        guardrail.make_sequential()
+    stats.apply_holm(guardrails, criteria.alpha)
+    required_missing = [name for name in missing if name not in criteria.optional]
+    violated = [g.name for g in guardrails if g.status == "violated"]
+    pending = [g.name for g in guardrails if g.status == "inconclusive"]
+    if violated:
+        return RampVerdict(
+            "rollback",
+            guardrails,
+            missing,
+            [f"{name} is significantly worse than the previous model" for name in violated],
+        )
+    reasons = [f"{name}: not yet shown non-inferior" for name in pending]
+    reasons += [f"{name}: no data (not optional)" for name in required_missing]
+    return RampVerdict(
+        "hold" if reasons else "advance", guardrails, missing, reasons or ["all guardrails non-inferior"]
+    )

@@ -41,7 +41,7 @@ def config(pg_url: str) -> PipelineConfig:
         params={
             "evaluation": {"duration_hours": 24, "power_history_hours": 24},
             "deployment": {"rollout_config": {"initial_traffic": 0.1, "increment_percentage": 0.45,
-                                              "increment_interval_hours": 1}},
+                                              "increment_interval_hours": 1, "advance_on": "clock"}},
         },
     )
 
@@ -194,6 +194,45 @@ def test_a_loser_is_rejected_and_taken_out_of_the_routing(config: PipelineConfig
     assert get_routing(redis_client, "body").candidate_share == 0.0
     with pytest.raises(rollout.DeploymentRefused, match="not 'promote'"):
         rollout.deploy(config, redis_client, result["ab_test_id"], T0 + timedelta(days=1))
+
+
+def test_the_evidence_ramp_holds_advances_on_non_inferiority_and_rolls_back_on_a_guardrail(
+    config: PipelineConfig, redis_client: redis.Redis
+) -> None:
+    url = config.services.database_url.get_secret_value()
+    ramp = config.deployment.rollout_config
+    ramp.advance_on, ramp.min_dwell_hours = "evidence", 2
+    insert_promoted_test(url, "ab-ramp", BASE)
+    deployment = rollout.deploy(config, redis_client, "ab-ramp", T0)
+    same = ModelBehaviour(**FINE_TUNED)  # as engaging as the base model, cheaper per post
+
+    def traffic(behaviour: ModelBehaviour, requests: int, start: datetime, hours: float, seed: int) -> None:
+        simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
+                         behaviours={BASE: ModelBehaviour(), CAND: behaviour}, requests=requests, start=start,
+                         end=start + timedelta(hours=hours), seed=seed)
+
+    traffic(same, 100, T0, 1, 1)
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=1))
+    assert [e["kind"] for e in state["events"]] == ["started"]  # the minimum dwell has not passed
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=2))
+    held = state["events"][-1]
+    assert held["kind"] == "held" and "not yet shown non-inferior" in held["detail"]["reason"]
+    assert state["current_traffic"] == 0.1
+
+    traffic(same, 12_000, T0 + timedelta(hours=2), 2, 2)
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=4))
+    assert state["current_traffic"] == 0.55 and state["events"][-1]["kind"] == "advanced"
+    evidence = state["events"][-1]["detail"]["evidence"]
+    assert evidence["verdict"] == "advance"
+    assert {g["name"] for g in evidence["guardrails"]} == {
+        "engagement_rate", "cost_per_post", "response_time_ms", "quality_score", "error_rate"}
+    assert all(g["status"] == "pass" for g in evidence["guardrails"])
+
+    traffic(ModelBehaviour(quality=0.6, **FINE_TUNED), 3000, T0 + timedelta(hours=4), 2, 3)
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=6))
+    assert state["status"] == "rolled_back"
+    assert state["rollback_reason"].startswith("automatic: guardrail quality_score is significantly worse")
+    assert get_routing(redis_client, "body").candidate_share == 0.0
 
 
 def insert_promoted_test(url: str, ab_test_id: str, baseline: str) -> None:
