@@ -17,8 +17,11 @@ hour from the first post) go through four methods, for true lifts -20%, 0, +10%,
   gbstats pins numpy<2 and pandas<2, so it runs in a venv of its own (bench/.venv-gbstats,
   made here on first use), never in the project's requirements.
 
+Then the evidence ramp (:func:`fine_tuning.dev.decision_sim.simulate_ramp`): a candidate as good
+as its baseline, every guardrail simulated, from 10% by +10% stages, at several traffic levels.
+
 Writes ``decision.json`` in the issue's shape and ``decision_details.json`` (standard errors,
-the measured variance reduction, settings).
+the measured variance reduction, the ramp's hours to 100%, settings).
 """
 
 from __future__ import annotations
@@ -209,6 +212,36 @@ def main() -> None:
         ],
         [f"fixed horizon (80% power): {horizons} hours; the fixed_horizon rows look once at {horizon} h"],
     )
+    ramps: dict[str, Any] = {}
+    ramp_tests = _harness.env_int("DECISION_BENCH_RAMPS", 20)
+    clock_hours = 24 * 9  # the seed's ramp: 10% then +10% every 24 h
+    for posts_per_hour in (600, 6000, 432_000):  # 432k/h: the demo's simulator (120 posts/s)
+        ramp_design = decision_sim.RampDesign(posts_per_hour=posts_per_hour)
+        rng = np.random.default_rng(posts_per_hour)
+        results = [
+            decision_sim.simulate_ramp(rng, ramp_design, analysis.Criteria()) for _ in range(ramp_tests)
+        ]
+        ramps[str(posts_per_hour)] = {
+            "ramps": ramp_tests,
+            "completed_rate": sum(r == "completed" for r, _ in results) / ramp_tests,
+            "rolled_back_rate": sum(r == "rolled_back" for r, _ in results) / ramp_tests,
+            "median_hours_to_100": statistics.median(h for _, h in results),
+            "clock_hours_to_100": clock_hours,
+        }
+    _harness.print_table(
+        f"Evidence ramp of an as-good candidate to 100% ({ramp_tests} rollouts per traffic; 2 h dwell)",
+        ["posts/h", "completed", "rolled back", "median h to 100%", "clock h"],
+        [
+            [
+                int(k),
+                v["completed_rate"],
+                v["rolled_back_rate"],
+                v["median_hours_to_100"],
+                v["clock_hours_to_100"],
+            ]
+            for k, v in ramps.items()
+        ],
+    )
     aa = {r["method"]: r["ever_significant_rate"] for r in rows if r["true_lift"] == 0.0}
     summary = {
         "tests_per_lift": tests,
@@ -219,6 +252,7 @@ def main() -> None:
             for m, rate in aa.items()
         },
         "cuped_at_one_week": {k: float(np.mean(v)) for k, v in details.items()},
+        "evidence_ramp": ramps,
         "engagement_sd": sd,
         "design": design.__dict__,
         "machine": _harness.machine(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -207,7 +208,9 @@ def stage_evidence(
     # The stage's split is the rollout's traffic; the SRM check is the A/B test's business.
     share = min(max(record["current_traffic"], 1e-6), 1 - 1e-6)
     inputs = analysis.LookInputs.from_aggregates(aggregates, share)
-    return analysis.ramp_verdict(inputs, criteria, record["rollout_config"]["engagement_margin"])
+    ramp = record["rollout_config"]
+    stages = math.ceil((ramp["max_traffic"] - ramp["initial_traffic"]) / ramp["increment_percentage"]) + 1
+    return analysis.ramp_verdict(inputs, criteria, ramp["engagement_margin"], stages)
 
 
 def watch(

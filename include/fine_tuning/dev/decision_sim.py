@@ -163,3 +163,82 @@ def run_test(
 def standard_error(share: float, tests: int) -> float:
     """Binomial standard error of a share measured over ``tests`` simulated tests."""
     return math.sqrt(share * (1 - share) / tests) if tests else float("nan")
+
+
+@dataclass(frozen=True)
+class RampDesign:
+    """A rollout of a candidate as good as its baseline (same engagement, latency, quality,
+    errors), as the demo's models cost: gpt-4o-mini with a few-shot prompt against its fine-tune."""
+
+    posts_per_hour: float = 60.0
+    initial_traffic: float = 0.1
+    increment: float = 0.1
+    min_dwell_hours: int = 2
+    engagement_margin: float = 0.10
+    max_hours: int = 24 * 14
+    baseline_cost: tuple[float, float] = (1500 * 0.15, 350 * 0.60)  # USD per 1M posts: prompt, completion
+    candidate_cost: tuple[float, float] = (100 * 0.30, 320 * 1.20)
+
+
+def _stage_sums(
+    rng: np.random.Generator, design: RampDesign, share: float, hours: int, levels: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Per-arm sums of every guardrail's metric for ``hours`` of posts at ``share``."""
+    n = rng.poisson(design.posts_per_hour * hours)
+    arm = rng.random(n) < share
+    persona = rng.integers(0, len(levels), n)
+    mean = np.clip(BASE_ENGAGEMENT * levels[persona], 1e-4, 0.9)
+    y = rng.beta(mean * CONCENTRATION, (1 - mean) * CONCENTRATION)
+    latency = np.maximum(50.0, rng.normal(1200.0, 180.0, n))
+    quality = np.clip(rng.normal(0.78, 0.08, n), 0, 1)
+    errors = rng.random(n) < 0.01
+    completion = rng.lognormal(-0.02, 0.2, n)
+    out: dict[str, dict[str, Any]] = {}
+    for name, mask, (prompt_cost, completion_cost) in (
+        ("baseline", ~arm, design.baseline_cost),
+        ("candidate", arm, design.candidate_cost),
+    ):
+        cost = (prompt_cost + completion_cost * completion[mask]) / 1e6
+        k = float(mask.sum())
+        out[name] = {
+            "posts": k, "eng_n": k, "eng_sum": y[mask].sum(), "eng_sumsq": (y[mask] ** 2).sum(),
+            "eng_p95": None, "x_n": 0.0, "x_sum": 0.0, "x_sumsq": 0.0, "xy_sum": 0.0,
+            "cost_n": k, "cost_sum": cost.sum(), "cost_sumsq": (cost**2).sum(),
+            "tok_sum": 0.0, "tok_sumsq": 0.0, "cost_tok_sum": 0.0,
+            "rt_n": k, "rt_sum": latency[mask].sum(), "rt_sumsq": (latency[mask] ** 2).sum(), "rt_p95": None,
+            "q_n": k, "q_sum": quality[mask].sum(), "q_sumsq": (quality[mask] ** 2).sum(),
+            "errors": float(errors[mask].sum()),
+        }  # fmt: skip
+    return out
+
+
+def _add(total: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        arm: {k: (None if v is None else v + more[arm][k]) for k, v in values.items()}
+        for arm, values in total.items()
+    }
+
+
+def simulate_ramp(
+    rng: np.random.Generator, design: RampDesign, criteria: analysis.Criteria
+) -> tuple[str, int]:
+    """Hours until an as-good candidate reaches 100% on the evidence ramp (an hourly look at the
+    stage's posts once the dwell passed, :func:`analysis.ramp_verdict`), or its rollback."""
+    levels = rng.lognormal(-(PERSONA_SIGMA**2) / 2, PERSONA_SIGMA, PERSONAS)
+    share, stage_start, sums = design.initial_traffic, 0, None
+    for hour in range(1, design.max_hours + 1):
+        more = _stage_sums(rng, design, share, 1, levels)
+        sums = more if sums is None else _add(sums, more)
+        if hour - stage_start < design.min_dwell_hours:
+            continue
+        inputs = analysis.LookInputs.from_aggregates(sums, min(share, 1 - 1e-6))
+        stages = math.ceil((1.0 - design.initial_traffic) / design.increment) + 1
+        verdict = analysis.ramp_verdict(inputs, criteria, design.engagement_margin, stages).verdict
+        if verdict == "rollback":
+            return "rolled_back", hour
+        if verdict == "advance":
+            share = round(share + design.increment, 6)
+            if share >= 1.0:
+                return "completed", hour
+            stage_start, sums = hour, None
+    return "still_rolling", design.max_hours

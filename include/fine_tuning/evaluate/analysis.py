@@ -495,12 +495,17 @@ class RampVerdict:
         return asdict(self)
 
 
-def ramp_verdict(inputs: LookInputs, criteria: Criteria, engagement_margin: float) -> RampVerdict:
+def ramp_verdict(
+    inputs: LookInputs, criteria: Criteria, engagement_margin: float, stages: int = 1
+) -> RampVerdict:
     """The evidence for one rollout stage, on the posts since the stage began (both arms).
 
     The A/B test's guardrails (cost per post, latency, quality, errors) plus engagement within
     ``engagement_margin`` of the previous model, each with its always-valid (mSPRT) tests, Holm
-    across them: a stage can be looked at every hour without inflating false alarms.
+    across them: a stage can be looked at every hour without inflating false alarms. Harm is
+    judged at ``alpha / stages``: each stage starts a new sequential test, and an as-good
+    candidate must not be rolled back by one of the rollout's ``stages`` tests by chance
+    (in simulation, alpha per stage rolled back one in five).
     """
     guardrails, missing = _guardrails(inputs, criteria)
     b, c = inputs.baseline.engagement, inputs.candidate.engagement
@@ -513,6 +518,15 @@ def ramp_verdict(inputs: LookInputs, criteria: Criteria, engagement_margin: floa
     for guardrail in guardrails:
         guardrail.make_sequential()
     stats.apply_holm(guardrails, criteria.alpha)
+    harm_alpha = criteria.alpha / max(stages, 1)
+    for g in guardrails:
+        g.status = (
+            "violated"
+            if g.p_harm_holm < harm_alpha
+            else "pass"
+            if g.p_non_inferior_holm < criteria.alpha
+            else "inconclusive"
+        )
     required_missing = [name for name in missing if name not in criteria.optional]
     violated = [g.name for g in guardrails if g.status == "violated"]
     pending = [g.name for g in guardrails if g.status == "inconclusive"]

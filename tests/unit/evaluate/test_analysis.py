@@ -251,3 +251,29 @@ def test_the_cli_gives_the_same_analysis_and_growthbooks_numbers() -> None:
     assert json.loads(small.stdout)["decision"] == "continue"
     bad = run_cli({**payload, "criteria": {"min_sample": 3}})
     assert bad.returncode == 2 and "min_sample" in bad.stderr
+
+
+def test_an_as_good_candidate_ramps_to_100_percent_on_evidence_in_under_three_days() -> None:
+    """Every guardrail simulated (engagement, cost per post at real prices, latency, quality,
+    errors), 6,000 posts/h: each stage advances once all are non-inferior, none falsely rolls back."""
+    rng = np.random.default_rng(11)
+    design = decision_sim.RampDesign(posts_per_hour=6000)
+    results = [decision_sim.simulate_ramp(rng, design, analysis.Criteria()) for _ in range(3)]
+    assert all(outcome == "completed" for outcome, _ in results), results
+    assert all(hours <= 72 for _, hours in results)  # the 24 h clock takes 216
+
+
+def test_a_ramp_verdict_holds_when_inconclusive_and_rolls_back_on_harm() -> None:
+    def arm(n: int, quality: float) -> analysis.ArmInputs:
+        return analysis.ArmInputs(engagement=stats.ArmSummary(n, 0.068, 0.05**2),
+                                  quality_score=stats.ArmSummary(n, quality, 0.08**2))
+
+    criteria = analysis.Criteria(optional=["cost", "response_time_ms", "error_rate"])
+    few = analysis.ramp_verdict(analysis.LookInputs(arm(90, 0.78), arm(10, 0.78), 0.1), criteria, 0.1, stages=10)
+    assert few.verdict == "hold" and any("not yet shown non-inferior" in r for r in few.reasons)
+    worse = analysis.ramp_verdict(analysis.LookInputs(arm(9000, 0.78), arm(1000, 0.70), 0.1), criteria, 0.1, 10)
+    assert worse.verdict == "rollback" and "quality_score" in worse.reasons[0]
+    missing = analysis.ramp_verdict(
+        analysis.LookInputs(arm(9000, 0.78), arm(1000, 0.78), 0.1), analysis.Criteria(), 0.1, 10
+    )
+    assert missing.verdict == "hold" and "cost: no data (not optional)" in missing.reasons
