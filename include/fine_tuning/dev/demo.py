@@ -258,7 +258,11 @@ def summary(run_dir: Path | None, mlflow_uri: str) -> str:
             f"{ab_test['baseline_model']} vs {ab_test['candidate_model']} "
             f"at {ab_test['traffic_split']:.0%}; power: {ab_test['power_message']}"
         )
-    if evaluation:
+    if evaluation and evaluation["relative_lift"] is None:
+        lines.append(
+            f"A/B decision:      {evaluation['decision']} after {evaluation['looks']} looks (too few posts)"
+        )
+    elif evaluation:
         lines.append(
             f"A/B decision:      {evaluation['decision']} after {evaluation['looks']} looks: lift "
             f"{evaluation['relative_lift']:+.1%} (always-valid CI {evaluation['ci_lower']:+.1%} .. "

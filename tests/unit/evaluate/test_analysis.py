@@ -277,3 +277,13 @@ def test_a_ramp_verdict_holds_when_inconclusive_and_rolls_back_on_harm() -> None
         analysis.LookInputs(arm(9000, 0.78), arm(1000, 0.78), 0.1), analysis.Criteria(), 0.1, 10
     )
     assert missing.verdict == "hold" and "cost: no data (not optional)" in missing.reasons
+
+
+def test_the_price_table_prices_fine_tuned_tokens_as_openai_does_and_names_an_unknown_model() -> None:
+    from fine_tuning.config import ConfigError
+
+    prices = TrainingConfig()
+    assert prices.inference_price("gpt-3.5-turbo-0125") == (0.50, 1.50)
+    assert prices.inference_price("ft:gpt-3.5-turbo-0125:org:weekly:abc") == (3.00, 6.00)
+    with pytest.raises(ConfigError, match="'ft:mystery-1:org::x'.*'mystery-1'"):
+        prices.inference_price("ft:mystery-1:org::x")
