@@ -340,6 +340,10 @@ def guardrail_proportion(
         )
 
     rate_b, rate_c = errors_b / n_b, errors_c / n_c
+    # The sequential tests' standard error uses the pooled rate (one error and one success added):
+    # each arm's own rate makes it ~0 when an arm has no errors yet, and then one error in the
+    # other arm looked significant (an as-good candidate's ramp was rolled back one time in four).
+    pooled = (errors_b + errors_c + 1) / (n_b + n_c + 2)
     return Guardrail(
         name,
         rate_b,
@@ -348,7 +352,7 @@ def guardrail_proportion(
         p(absolute_margin, "smaller"),
         p(0.0, "larger"),
         worse_by=rate_c - rate_b,
-        std_error=math.sqrt(rate_c * (1 - rate_c) / n_c + rate_b * (1 - rate_b) / n_b),
+        std_error=math.sqrt(pooled * (1 - pooled) * (1 / n_c + 1 / n_b)),
     )
 
 
