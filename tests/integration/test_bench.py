@@ -91,7 +91,7 @@ def test_parse_time(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_decision_bench(tmp_path: Path) -> None:
-    env = {**os.environ, "DECISION_BENCH_TESTS": "4", "BENCH_RESULTS_DIR": str(tmp_path)}
+    env = {**os.environ, "DECISION_BENCH_TESTS": "4", "DECISION_BENCH_RAMPS": "1", "BENCH_RESULTS_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, str(REPO / "bench" / "decision_bench.py")], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
