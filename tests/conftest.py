@@ -23,6 +23,10 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("FINE_TUNING_MODE", "local")
+# The emulator's retirement schedule is the suite's to choose: without this the tests that train
+# on the emulated OpenAI would start failing on 2027-01-06, the day the real one closes. The
+# retirement tests build their configs without the environment, on the shipped table.
+os.environ["FINE_TUNING_RETIREMENT_TABLE"] = str(REPO / "include" / "fine_tuning" / "dev" / "emulated-retirements.json")
 
 
 PG_BASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -34,6 +35,8 @@ class _Section(BaseModel):
 
 
 Auto = Literal["auto"]
+# Where a model is fine-tuned (and, for a fine-tuned model, who serves it).
+ProviderName = Literal["openai", "azure_openai", "selfhosted", "openai_compatible"]
 
 
 class Hyperparameters(_Section):
@@ -127,8 +130,24 @@ class InferencePrice(_Section):
     ft_output: float = Field(ge=0)
 
 
+class OpenAICompatibleConfig(_Section):
+    """``training.provider = "openai_compatible"``: a gateway or host that speaks OpenAI's files
+    and fine-tuning jobs API at its own base URL (the same idempotent upload and job creation)."""
+
+    # e.g. https://gateway.example.com/v1; the key in FINE_TUNING_OPENAI_COMPATIBLE_API_KEY or the
+    # Airflow connection's password.
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    # USD per 1M training tokens of the base model at this host (its own price, not OpenAI's).
+    price_per_million_training_tokens: dict[str, float] = Field(default_factory=dict)
+
+
 class TrainingConfig(_Section):
-    provider: Literal["openai", "azure_openai", "selfhosted"] = "openai"
+    provider: ProviderName = "openai"
+    # Where to train instead when the champion's provider retires it (a forced migration, see
+    # fine_tuning.retirement); None: a retiring champion is reported, and no replacement trained.
+    fallback_provider: ProviderName | None = None
+    openai_compatible: OpenAICompatibleConfig = Field(default_factory=OpenAICompatibleConfig)
     azure: AzureOpenAIConfig = Field(default_factory=AzureOpenAIConfig)
     selfhosted: SelfHostedConfig = Field(default_factory=SelfHostedConfig)
     # The OpenAI model to fine-tune (openai, azure_openai). The selfhosted provider trains
@@ -190,12 +209,16 @@ class TrainingConfig(_Section):
         return (price.ft_input, price.ft_output) if fine_tuned else (price.input, price.output)
 
     def price_per_million(self) -> float:
+        if self.provider == "openai_compatible":
+            prices, where = self.openai_compatible.price_per_million_training_tokens, "openai_compatible."
+        else:
+            prices, where = self.price_per_million_training_tokens, ""
         try:
-            return self.price_per_million_training_tokens[self.base_model]
+            return prices[self.base_model]
         except KeyError:
             raise ConfigError(
                 f"training.base_model {self.base_model!r} has no price in "
-                "training.price_per_million_training_tokens; add one so the cost guard can work"
+                f"training.{where}price_per_million_training_tokens; add one so the cost guard can work"
             ) from None
 
     def trained_model(self) -> str:
@@ -377,6 +400,46 @@ class ServicesConfig(_Section):
     openai_max_retries: int = Field(3, ge=0, le=10)
 
 
+class RetirementRow(_Section):
+    """One row of the retirement table (``fine_tuning/retirements.json``, or an override)."""
+
+    provider: ProviderName
+    # fnmatch patterns over the base model id; "*" is every model of the provider.
+    models: list[str] = Field(min_length=1)
+    training_retires: date | None = None
+    inference_retires: date | None = None
+    # Fine-tuned models built on a matching base stop serving on the same day.
+    fine_tunes_share_inference_date: bool = True
+    source: str = Field(min_length=1)
+    checked: date
+
+
+class RetirementConfig(_Section):
+    # A served model this close to its inference retirement makes health degraded, and the
+    # weekly run starts replacing the champion (with training.fallback_provider).
+    horizon_days: float = Field(30, ge=0)
+    # A JSON file ({"rows": [...]}, the shipped file's shape) used instead of the shipped table:
+    # a table the deployment maintains itself (a mounted ConfigMap), or a test's.
+    table_file: str | None = None
+    # Rows that replace the table's for the models they match.
+    overrides: list[RetirementRow] = Field(default_factory=list)
+    # Who serves a plain model id (a base model such as hook_model / body_model).
+    serving_provider: ProviderName = "openai"
+    # Who serves model ids that do not say it themselves (fnmatch pattern -> provider), e.g. the
+    # ``ft:`` models of an openai_compatible gateway ({"ft:*:gateway-org:*": "openai_compatible"}).
+    # The Azure deployment in training.azure.deployment_name is azure_openai's without saying.
+    model_providers: dict[str, ProviderName] = Field(default_factory=dict)
+    # The model routed instead of one past its inference retirement, per model type.
+    serving_fallback: dict[Literal["hook", "body"], str] = Field(default_factory=dict)
+    # Read the provider's own dates where it reports them (Azure's Models API).
+    read_provider_dates: bool = True
+    # A forced migration's A/B test: the replacement is promoted when its engagement is shown
+    # not worse than the champion's by more than this relative margin (always-valid).
+    non_inferiority_margin: float = Field(0.05, gt=0.0, lt=1.0)
+    # The replacement must be the champion this many days before the retirement.
+    migration_lead_days: float = Field(2, ge=0)
+
+
 class PipelineConfig(_Section):
     fine_tuning_enabled: bool = True
     weekly_schedule: str = "0 2 * * 0"
@@ -393,13 +456,18 @@ class PipelineConfig(_Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
+    retirement: RetirementConfig = Field(default_factory=RetirementConfig)
 
     def loggable(self) -> dict[str, Any]:
         """The config without secrets, flattened to dotted keys (for MLflow params and logs)."""
         flat: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
+            # A mapping keyed by patterns (retirement.model_providers) stays one JSON value:
+            # MLflow refuses '*' and other characters in a param's name.
+            if isinstance(value, dict) and not all(re.fullmatch(r"[\w\-. :/]+", str(k)) for k in value):
+                flat[prefix] = json.dumps(value, sort_keys=True)
+            elif isinstance(value, dict):
                 for key, item in value.items():
                     walk(f"{prefix}.{key}" if prefix else key, item)
             else:
@@ -578,6 +646,10 @@ ENV_KEYS: dict[str, tuple[str, ...]] = {
     "FINE_TUNING_TRAINING_PROVIDER": ("training", "provider"),
     "AZURE_OPENAI_API_KEY": ("training", "azure", "api_key"),
     "AZURE_OPENAI_ENDPOINT": ("training", "azure", "endpoint"),
+    "FINE_TUNING_OPENAI_COMPATIBLE_BASE_URL": ("training", "openai_compatible", "base_url"),
+    "FINE_TUNING_OPENAI_COMPATIBLE_API_KEY": ("training", "openai_compatible", "api_key"),
+    "FINE_TUNING_FALLBACK_PROVIDER": ("training", "fallback_provider"),
+    "FINE_TUNING_RETIREMENT_TABLE": ("retirement", "table_file"),
     "FINE_TUNING_BASE_MODEL_PATH": ("training", "selfhosted", "base_model_path"),
     "FINE_TUNING_SERVING_BASE_URL": ("training", "selfhosted", "serving_base_url"),
     "VLLM_API_KEY": ("training", "selfhosted", "serving_api_key"),

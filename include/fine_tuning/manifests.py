@@ -68,6 +68,9 @@ class UploadManifest(Manifest):
     estimated_tokens: int
     estimated_epochs: int
     estimated_cost_usd: float
+    # Set when this run replaces a champion whose model retires (see fine_tuning.retirement):
+    # {"from_model", "from_provider", "to_provider", "reason", "retires", "deadline"}.
+    migration: dict[str, str] | None = None
 
 
 class TrainingManifest(UploadManifest):
@@ -99,6 +102,8 @@ class RegistrationManifest(Manifest):
     fine_tuned_model: str
     status: Literal["registered", "buffered"] = "registered"
     outbox_path: str | None = None
+    # The forced migration this candidate is for (the upload manifest's), else None.
+    migration: dict[str, str] | None = None
 
 
 def idempotency_key(dag_id: str, run_id: str, dataset_sha256: str) -> str:

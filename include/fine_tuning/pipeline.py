@@ -12,17 +12,21 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fine_tuning import clock
+from fine_tuning import clock, retirement
 from fine_tuning.collect.dataset import collect_training_data
-from fine_tuning.config import PipelineConfig
+from fine_tuning.config import ConfigError, PipelineConfig
 from fine_tuning.deploy import rollout
 from fine_tuning.deploy.serving import serve_adapters
 from fine_tuning.evaluate import ab
 from fine_tuning.infra import metrics
+from fine_tuning.infra.health import HealthReport, check_health, emit_report
 from fine_tuning.infra.redis import redis_client
 from fine_tuning.manifests import (
     ABTestManifest,
@@ -39,6 +43,7 @@ from fine_tuning.manifests import (
     idempotency_key,
     write_manifest,
 )
+from fine_tuning.routing import Routing, get_routing
 from fine_tuning.step_graph import INPUT_TYPES, STEP_INPUTS
 from fine_tuning.track import registry
 from fine_tuning.train.providers import FineTuningJobFailed, get_provider, job_metadata
@@ -76,9 +81,41 @@ def _save(config: PipelineConfig, ctx: RunContext, name: str, manifest: Manifest
     write_manifest(manifest, run_dir(config, ctx) / f"{name}.json")
 
 
+def _log_retirements(config: PipelineConfig) -> None:
+    """The weekly run says, first, how long each model it depends on has left (and sends it)."""
+    try:
+        entries = model_retirements(config)
+    except Exception as exc:  # noqa: BLE001 - a report; the upload step enforces the dates
+        log.warning("could not read the models' retirements: %s: %s", type(exc).__name__, exc)
+        return
+    emitter = metrics.get_metrics(config)
+    for role, entry in entries.items():
+        if entry.get("error"):
+            log.warning("retirement of the %s: unknown (%s)", role, entry["error"])
+            continue
+        level = logging.WARNING if "retir" in f"{entry['training']}{entry['inference']}" else logging.INFO
+        log.log(
+            level,
+            "retirement of the %s %s: training %s (%s days, %s), inference %s (%s days, %s)",
+            role,
+            entry["model"],
+            entry["training_retires"],
+            entry["days_to_training_retirement"],
+            entry["training"],
+            entry["inference_retires"],
+            entry["days_to_inference_retirement"],
+            entry["inference"],
+        )
+        for kind in ("training", "inference"):
+            days = entry[f"days_to_{kind}_retirement"]
+            if days is not None:
+                emitter.days_to_retirement(role, kind, str(entry["model"]), max(days, 0.0))
+
+
 @metrics.timed_step("collect")
 def collect(config: PipelineConfig, ctx: RunContext) -> CollectManifest:
     """Stream the window's high-engagement posts into a validated chat JSONL dataset."""
+    _log_retirements(config)
     manifest = collect_training_data(config, ctx, run_dir(config, ctx))
     metrics.get_metrics(config).collected(manifest)
     if manifest.status != "ready":
@@ -86,11 +123,111 @@ def collect(config: PipelineConfig, ctx: RunContext) -> CollectManifest:
     return manifest
 
 
+def retirement_table(config: PipelineConfig) -> retirement.RetirementTable:
+    """The retirement table with the dates the training providers report themselves (Azure)."""
+    reported: dict[tuple[str, str], retirement.ReportedDates] = {}
+    if config.retirement.read_provider_dates:
+        for name in dict.fromkeys([config.training.provider, config.training.fallback_provider]):
+            if name is None:
+                continue
+            try:
+                reported.update(get_provider(config, name).reported_retirements())
+            except Exception as exc:  # noqa: BLE001 - the shipped table still applies, and we say so
+                log.warning(
+                    "could not read %s's own model retirement dates (%s: %s): using the shipped table",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                )
+    return retirement.table_for(config, reported)
+
+
+def configured_model(config: PipelineConfig) -> str:
+    """The agent's configured model for the A/B test's model type (the baseline without a champion)."""
+    return config.body_model if config.evaluation.model_type == "body" else config.hook_model
+
+
+def plan_migration(
+    config: PipelineConfig, table: retirement.RetirementTable, now: datetime
+) -> dict[str, str] | None:
+    """A forced migration when the model serving today stops serving within the horizon:
+    train its replacement with ``training.fallback_provider`` (else ``training.provider``) and
+    have it be the champion ``retirement.migration_lead_days`` before the date."""
+    served = baseline_model(config, table, now, substitute=False)
+    found = table.lookup(served)
+    days = found.days_to("inference", now)
+    if days is None or days > config.retirement.horizon_days:
+        return None
+    retires_at = found.retires_at("inference")
+    assert retires_at is not None
+    deadline = retires_at - timedelta(days=config.retirement.migration_lead_days)
+    to_provider = config.training.fallback_provider or config.training.provider
+    if not config.training.fallback_provider:
+        log.error(
+            "%s stops serving on %s and training.fallback_provider is not set: replacing it with "
+            "training.provider %s",
+            served,
+            found.inference_retires,
+            to_provider,
+        )
+    return {
+        "from_model": served,
+        "from_provider": found.ref.provider,
+        "to_provider": to_provider,
+        "reason": f"{served} stops serving on {found.inference_retires} ({found.source})",
+        "retires": retires_at.isoformat(),
+        "deadline": deadline.isoformat(),
+    }
+
+
+def training_config(config: PipelineConfig, provider: str) -> PipelineConfig:
+    """``config`` with ``training.provider`` set to ``provider`` (a migration's training)."""
+    if provider == config.training.provider:
+        return config
+    changed = config.model_copy(deep=True)
+    changed.training.provider = provider  # type: ignore[assignment]
+    return changed
+
+
+def check_candidate_outlives(
+    config: PipelineConfig, table: retirement.RetirementTable, now: datetime
+) -> None:
+    """Refuse to train a candidate that would stop serving within the horizon (a fine-tune
+    serves no longer than its base model): it could never be a champion for long."""
+    base = config.training.trained_model()
+    found = table.lookup(base, config.training.provider)
+    days = found.days_to("inference", now)
+    if days is not None and days <= config.retirement.horizon_days:
+        raise retirement.TrainingRetiredError(
+            f"a model fine-tuned from {base} on {config.training.provider} stops serving on "
+            f"{found.inference_retires} (source: {found.source}), within retirement.horizon_days="
+            f"{config.retirement.horizon_days:g}; not uploading the dataset. Set training.fallback_provider "
+            "(or training.provider / training.base_model) to one that serves longer."
+        )
+
+
 @metrics.timed_step("upload")
 def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) -> UploadManifest:
-    """Check the cost guard, then upload the dataset once (found again by its key on a retry)."""
+    """Check the retirement table and the cost guard, then upload the dataset once (found
+    again by its key on a retry).
+
+    A closed training provider, or a base model whose fine-tunes would stop serving within the
+    horizon, is refused here, before anything is uploaded or paid for. When the model serving
+    today retires within the horizon, this run is a forced migration: it trains with
+    ``training.fallback_provider`` and says so in its manifest (and so in MLflow).
+    """
     if collected.dataset_path is None or collected.sha256 is None:
         raise ValueError(f"collect manifest of {ctx.run_id} has no dataset (status {collected.status})")
+    now = clock.now_utc()
+    table = retirement_table(config)
+    migration = plan_migration(config, table, now)
+    if migration:
+        log.warning("FORCED MIGRATION: %s; training with %s", migration["reason"], migration["to_provider"])
+        config = training_config(config, migration["to_provider"])
+    retirement.check_training_open(
+        config, table, config.training.provider, config.training.trained_model(), now
+    )
+    check_candidate_outlives(config, table, now)
     provider = get_provider(config)
     estimate = provider.estimate_cost(collected.tokens, collected.examples_written)
     epochs, cost = estimate.epochs, estimate.cost_usd
@@ -127,6 +264,7 @@ def upload(config: PipelineConfig, ctx: RunContext, collected: CollectManifest) 
         estimated_tokens=collected.tokens,
         estimated_epochs=epochs,
         estimated_cost_usd=round(cost, 4),
+        migration=migration,
     )
     return manifest
 
@@ -188,12 +326,25 @@ def register(
     return manifest
 
 
-def baseline_model(config: PipelineConfig) -> str:
-    """This week's baseline: the MLflow champion's model if there is one, else the configured model."""
-    champion = registry.champion_model(config)
-    if champion:
-        return champion
-    return config.body_model if config.evaluation.model_type == "body" else config.hook_model
+def baseline_model(
+    config: PipelineConfig,
+    table: retirement.RetirementTable | None = None,
+    now: datetime | None = None,
+    *,
+    substitute: bool = True,
+) -> str:
+    """This week's baseline: the MLflow champion's model if there is one, else the configured
+    model; one past its inference retirement is replaced by the serving fallback (unless
+    ``substitute`` is False: the model serving today, retired or not)."""
+    served = registry.champion_model(config) or configured_model(config)
+    if not substitute:
+        return served
+    table = table or retirement_table(config)
+    if table.lookup(served).retired("inference", now or clock.now_utc()):
+        fallback = retirement.require_fallback(config, config.evaluation.model_type, served)
+        log.error("baseline %s is past its inference retirement: the A/B baseline is %s", served, fallback)
+        return fallback
+    return served
 
 
 def ab_create(config: PipelineConfig, ctx: RunContext, registered: RegistrationManifest) -> ABTestManifest:
@@ -203,7 +354,8 @@ def ab_create(config: PipelineConfig, ctx: RunContext, registered: RegistrationM
     the vLLM server first: if vLLM refuses, the error names the server and the adapter, and no
     test is recorded and no traffic is routed.
     """
-    baseline = baseline_model(config)
+    now = clock.now_utc()
+    baseline = baseline_model(config, now=now)
     serve_adapters(config, [baseline, registered.fine_tuned_model])
     test = ab.create_ab_test(
         config,
@@ -211,9 +363,10 @@ def ab_create(config: PipelineConfig, ctx: RunContext, registered: RegistrationM
         baseline_model=baseline,
         candidate_model=registered.fine_tuned_model,
         candidate_version=registered.model_version,
-        now=clock.now_utc(),
+        now=now,
         dag_id=ctx.dag_id,
         run_id=ctx.run_id,
+        migration=registered.migration,
     )
     return ABTestManifest(
         ab_test_id=test["id"],
@@ -285,13 +438,129 @@ def deploy(config: PipelineConfig, ctx: RunContext, evaluation: EvaluationManife
     return deployment_manifest(record)
 
 
+def enforce_retirements(
+    config: PipelineConfig, client: Any, now: datetime, table: retirement.RetirementTable | None = None
+) -> tuple[list[str], list[str]]:
+    """Rewrite any live routing that names a model past its inference retirement (or, with no
+    routing, whose configured model retired), so that the routing names the serving fallback.
+
+    :returns: the model types whose routing changed, and what could not be fixed (a retired
+        model with no ``retirement.serving_fallback`` for its type).
+    """
+    table = table or retirement_table(config)
+    changed: list[str] = []
+    problems: list[str] = []
+    for model_type in ("hook", "body"):
+        live = get_routing(client, model_type)
+        configured = config.body_model if model_type == "body" else config.hook_model
+        routing = live or Routing(configured, None, 0.0, "configured")
+        named = [m for m in (routing.baseline_model, routing.candidate_model) if m]
+        retired = [m for m in named if table.lookup(m).retired("inference", now)]
+        if not retired:
+            continue
+        try:
+            served = retirement.write_routing(config, client, model_type, routing, now, table)
+        except ConfigError as exc:
+            log.error("%s routing: %s", model_type, exc)
+            problems.append(f"{model_type}: {exc}")
+            continue
+        metrics.get_metrics(config).retired_model_replaced(model_type)
+        log.error(
+            "%s routing named %s, past its inference retirement: it now serves %s",
+            model_type,
+            ", ".join(retired),
+            served.baseline_model,
+        )
+        changed.append(model_type)
+    return changed, problems
+
+
+def model_retirements(config: PipelineConfig, now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """Every model the pipeline depends on, by role, with days to its retirements.
+
+    Roles: ``base_model`` (what the next run trains, on ``training.provider``), ``champion``
+    (MLflow's alias), ``baseline`` and ``candidate`` (the live routing of the evaluated model
+    type), ``rollback_target`` (an active rollout's previous model) and ``fallback`` (the
+    serving fallback). A role that could not be read says why (``error``) instead.
+    """
+    now = now or clock.now_utc()
+    horizon = config.retirement.horizon_days
+    table = retirement_table(config)
+    models: dict[str, str | None] = {"base_model": None}
+    entries: dict[str, dict[str, Any]] = {}
+
+    def read(role: str, get: Callable[[], str | None]) -> None:
+        try:
+            models[role] = get()
+        except Exception as exc:  # noqa: BLE001 - a health report says what it could not read
+            entries[role] = {"model": None, "error": f"{type(exc).__name__}: {exc}"}
+
+    read("champion", lambda: registry.champion_model(config))
+    model_type = config.evaluation.model_type
+    read(
+        "baseline",
+        lambda: (get_routing(redis_client(config), model_type) or _no_routing(config)).baseline_model,
+    )
+    read(
+        "candidate",
+        lambda: (get_routing(redis_client(config), model_type) or _no_routing(config)).candidate_model,
+    )
+    read("rollback_target", lambda: rollout.rollback_target(config, model_type))
+    models["fallback"] = retirement.serving_fallback(config, model_type)
+    base = table.lookup(config.training.trained_model(), config.training.provider)
+    entries["base_model"] = base.as_dict(now, horizon)
+    for role, model in models.items():
+        if role != "base_model" and model and role not in entries:
+            entries[role] = table.lookup(model).as_dict(now, horizon)
+    return entries
+
+
+def _no_routing(config: PipelineConfig) -> Routing:
+    return Routing(configured_model(config), None, 0.0, "configured")
+
+
+# The models section of health, per process: the liveness probe polls health every few
+# seconds, and the section asks MLflow, Redis, PostgreSQL (and Azure) each time otherwise.
+_models_cache: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
+MODELS_CACHE_SECONDS = 300.0
+
+
+def health(config: PipelineConfig, *, emit_metrics: bool = False) -> HealthReport:
+    """The health report (:func:`fine_tuning.infra.health.check_health`) with the retirements of
+    the models the pipeline depends on: degraded while one retires within the horizon."""
+    report = check_health(config, emit_metrics=False)
+    key = config.model_dump_json()
+    cached = _models_cache.get(key)
+    if cached and time.monotonic() - cached[0] < MODELS_CACHE_SECONDS:
+        models = cached[1]
+    else:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-models")
+        try:
+            models = pool.submit(model_retirements, config).result(
+                timeout=config.monitoring.health_timeout_seconds * 2 + 1
+            )
+            _models_cache[key] = (time.monotonic(), models)
+        except FutureTimeout:
+            models = {"models": {"model": None, "error": "the models' retirements could not be read in time"}}
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    report = report.with_models(models)
+    if emit_metrics:
+        emit_report(config, report)
+    return report
+
+
 def watch_rollouts(config: PipelineConfig, ctx: RunContext) -> RolloutWatchManifest:
-    """The hourly watch: advance each active rollout whose interval passed, or roll it back."""
+    """The hourly watch: advance each active rollout whose interval passed, or roll it back; and
+    take any model past its inference retirement out of the routing."""
     client = redis_client(config)
+    _, problems = enforce_retirements(config, client, clock.now_utc())
     results = [
         deployment_manifest(rollout.watch(config, client, deployment_id, clock.now_utc()))
         for deployment_id in rollout.active_deployments(config)
     ]
+    if problems:  # the rollouts were watched; the task still fails, so that someone looks
+        raise ConfigError("a model past its inference retirement is still served: " + "; ".join(problems))
     return RolloutWatchManifest(deployments=results)
 
 

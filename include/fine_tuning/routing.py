@@ -3,18 +3,26 @@
 One hash per model type, ``fine_tuning:routing:{model_type}``::
 
     {"baseline": "0.9", "candidate": "0.1",
-     "baseline_model": "gpt-3.5-turbo-0125", "candidate_model": "ft:...", "source": "ab-..."}
+     "baseline_model": "gpt-3.5-turbo-0125", "candidate_model": "ft:...", "source": "ab-...",
+     "fallback_model": "selfhosted:...", "retires_at": "{\"ft:...\": 1799884800.0}"}
 
 A request goes to the candidate when its bucket, a hash of (candidate model, request id) in
 [0, 1), is below the candidate's share: the same request always gets the same arm, and when a
 rollout raises the share, requests already on the candidate stay there.
+
+The pipeline writes, next to the models, when each of them stops serving (``retires_at``, Unix
+seconds, from :mod:`fine_tuning.retirement`) and the model to serve instead
+(``fallback_model``): the agent never calls a model past its retirement, even between the
+pipeline's own checks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,6 +31,10 @@ if TYPE_CHECKING:
 
 KEY = "fine_tuning:routing:{model_type}"
 
+log = logging.getLogger(__name__)
+# Retired models already reported by this process's choose_model (one log line each).
+_reported_retired: set[str] = set()
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -30,6 +42,30 @@ class Routing:
     candidate_model: str | None
     candidate_share: float
     source: str
+    # The model served instead of one past its retirement, and when each model retires.
+    fallback_model: str | None = None
+    retires_at: dict[str, float] = field(default_factory=dict)
+
+    def retired(self, model: str, now: float) -> bool:
+        at = self.retires_at.get(model)
+        return at is not None and now >= at
+
+    def serving(self, model: str, now: float, default: str) -> str:
+        """``model``, unless it is past its retirement: then the fallback, the other arm's model,
+        or ``default``, the first that still serves (said once per model in the log)."""
+        if not self.retired(model, now):
+            return model
+        others = [self.fallback_model, self.baseline_model, self.candidate_model, default]
+        chosen = next((m for m in others if m and m != model and not self.retired(m, now)), default)
+        if model not in _reported_retired:
+            _reported_retired.add(model)
+            log.error(
+                "routing names %s, retired since %s: serving %s instead",
+                model,
+                time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.retires_at[model])),
+                chosen,
+            )
+        return chosen
 
     def as_split(self) -> dict[str, float]:
         return {"baseline": round(1 - self.candidate_share, 6), "candidate": round(self.candidate_share, 6)}
@@ -52,6 +88,8 @@ def set_routing(client: redis.Redis, model_type: str, routing: Routing) -> float
         "baseline_model": routing.baseline_model,
         "candidate_model": routing.candidate_model or "",
         "source": routing.source,
+        "fallback_model": routing.fallback_model or "",
+        "retires_at": json.dumps(routing.retires_at, sort_keys=True),
         "updated_at": str(time.time()),
     }
     with client.pipeline(transaction=True) as pipe:
@@ -74,6 +112,8 @@ def get_routing(client: redis.Redis, model_type: str) -> Routing | None:
         candidate_model=data.get("candidate_model") or None,
         candidate_share=float(data.get("candidate", 0.0)),
         source=data.get("source", ""),
+        fallback_model=data.get("fallback_model") or None,
+        retires_at={str(k): float(v) for k, v in json.loads(data.get("retires_at") or "{}").items()},
     )
 
 
@@ -89,12 +129,19 @@ def arm_for(routing: Routing, request_id: str) -> str:
     return "baseline"
 
 
-def choose_model(client: redis.Redis, model_type: str, request_id: str, default: str) -> str:
+def choose_model(
+    client: redis.Redis, model_type: str, request_id: str, default: str, *, now: float | None = None
+) -> str:
     """The model the agent should use for this request (``default`` when no routing is set).
 
     Deterministic by ``request_id``; over many requests the candidate's share matches the split.
+    A model past its retirement is never returned (see :meth:`Routing.serving`).
     """
     routing = get_routing(client, model_type)
     if routing is None:
         return default
-    return routing.candidate_model if arm_for(routing, request_id) == "candidate" else routing.baseline_model  # type: ignore[return-value]
+    arm = arm_for(routing, request_id)
+    model = (
+        routing.candidate_model if arm == "candidate" and routing.candidate_model else routing.baseline_model
+    )
+    return routing.serving(model, time.time() if now is None else now, default)

@@ -26,6 +26,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-key", default=None, help="accept only this key (default: any key starting with sk-)"
     )
     parser.add_argument("--refuse-jobs", action="store_true", help="refuse new fine-tuning jobs (403)")
+    parser.add_argument(
+        "--fine-tuning-closes",
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="refuse new fine-tuning jobs from this UTC day on the emulator's clock (OpenAI: 2027-01-06)",
+    )
+    parser.add_argument(
+        "--model-owner",
+        default="emulator",
+        help="the owner segment of fine-tuned model ids (ft:BASE:OWNER:...)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -43,7 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     from openai_emulator.app import create_app
     from openai_emulator.settings import Settings
 
-    settings = Settings(stage_seconds=args.stage_seconds, api_key=args.api_key, refuse_jobs=args.refuse_jobs)
+    closes = None
+    if args.fine_tuning_closes:
+        from datetime import UTC, datetime
+
+        closes = datetime.fromisoformat(args.fine_tuning_closes).replace(tzinfo=UTC).timestamp()
+    settings = Settings(
+        stage_seconds=args.stage_seconds,
+        api_key=args.api_key,
+        refuse_jobs=args.refuse_jobs,
+        fine_tuning_closes_at=closes,
+        model_owner=args.model_owner,
+    )
     logging.getLogger("openai_emulator").info(
         "OpenAI emulator on http://%s:%d/v1 (stage %.3g s, admin at /_emulator)",
         args.host,

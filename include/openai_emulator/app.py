@@ -24,10 +24,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openai_emulator import tokens
+from openai_emulator import models, tokens
 from openai_emulator.errors import DEFAULT_MESSAGES, APIError, bad_request
 from openai_emulator.faults import Fault, FaultBook, FaultSpec
-from openai_emulator.schemas import FailJob, JobCreate, RefuseJobs
+from openai_emulator.schemas import Clock, Deprecation, FailJob, JobCreate, RefuseJobs
 from openai_emulator.settings import Settings
 from openai_emulator.store import FILE_PURPOSES, Store, paginate
 
@@ -210,6 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             path = API_PREFIX + path[len(AZURE_PREFIX) :]
             request.scope["path"] = path
             request.scope["raw_path"] = path.encode()
+        request.state.azure = azure
         if not path.startswith(API_PREFIX + "/") and path != API_PREFIX:
             return await call_next(request)
         started = time.monotonic()
@@ -274,6 +275,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     _add_files_routes(app, store, settings)
     _add_jobs_routes(app, store, settings)
+    _add_models_routes(app, store)
     _add_admin_routes(app, store, faults)
     return app
 
@@ -370,7 +372,7 @@ def _add_jobs_routes(app: FastAPI, store: Store, settings: Settings) -> None:
             raw = json.loads(await request.body() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise validation_error([{"type": "json_invalid", "loc": ()}]) from None
-        if store.refuse_jobs:
+        if store.fine_tuning_closed():
             body = JobCreate.model_construct(model="", training_file="")  # refused before it is looked at
         else:
             if not isinstance(raw, dict):
@@ -425,7 +427,65 @@ def _add_jobs_routes(app: FastAPI, store: Store, settings: Settings) -> None:
         return _list(page, has_more, with_ids=True)
 
 
+def _model_object(store: Store, name: str, azure: bool) -> dict[str, Any]:
+    """A model as ``GET /v1/models`` lists it; Azure's Models API adds its lifecycle fields."""
+    body: dict[str, Any] = {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+    if azure:
+        deprecation = store.deprecations.get(name, {})
+        retired = "inference" in deprecation and store.now() >= deprecation["inference"]
+        closed = "fine_tune" in deprecation and store.now() >= deprecation["fine_tune"]
+        body.update(
+            {
+                "status": "succeeded",
+                "lifecycle_status": "deprecated" if retired else "generally-available",
+                "capabilities": {"fine_tune": not closed, "inference": not retired, "chat_completion": True},
+                "deprecation": dict(deprecation),
+                "created_at": body["created"],
+            }
+        )
+    return body
+
+
+def _add_models_routes(app: FastAPI, store: Store) -> None:
+    @app.get("/v1/models")
+    def list_models(request: Request) -> dict[str, Any]:
+        """The fine-tunable snapshots (on the Azure path with ``deprecation`` dates, as Azure's
+        ``GET {endpoint}/openai/models`` reports them)."""
+        azure = bool(getattr(request.state, "azure", False))
+        return {
+            "object": "list",
+            "data": [_model_object(store, name, azure) for name in sorted(models.SNAPSHOTS)],
+        }
+
+    @app.get("/v1/models/{model}")
+    def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+        if model not in models.SNAPSHOTS:
+            raise bad_request(f"The model '{model}' does not exist", param="model", code="model_not_found")
+        return _model_object(store, model, bool(getattr(request.state, "azure", False)))
+
+
 def _add_admin_routes(app: FastAPI, store: Store, faults: FaultBook) -> None:
+    @app.post(ADMIN_PREFIX + "/clock")
+    def set_clock(body: Clock) -> dict[str, Any]:
+        """Move the emulator's clock: to ``now`` (Unix seconds), or by ``advance_seconds``."""
+        with store.lock:
+            if body.now is not None:
+                store.clock_offset = body.now - store.settings.clock()
+            store.clock_offset += body.advance_seconds
+            return {"now": store.now(), "offset_seconds": store.clock_offset}
+
+    @app.post(ADMIN_PREFIX + "/deprecations")
+    def set_deprecation(body: Deprecation) -> dict[str, Any]:
+        """Set what Azure's Models API reports for one model (Unix seconds; None removes)."""
+        with store.lock:
+            dates = store.deprecations.setdefault(body.model, {})
+            for kind, value in (("fine_tune", body.fine_tune), ("inference", body.inference)):
+                if value is None:
+                    dates.pop(kind, None)
+                else:
+                    dates[kind] = value
+            return {"model": body.model, "deprecation": dict(dates)}
+
     @app.get(ADMIN_PREFIX + "/health")
     def health() -> dict[str, Any]:
         return {"ok": True}

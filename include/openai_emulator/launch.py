@@ -53,6 +53,8 @@ class EmulatorProcess:
         *,
         host: str = "127.0.0.1",
         refuse_jobs: bool = False,
+        fine_tuning_closes: str | None = None,
+        model_owner: str | None = None,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.host = host
@@ -61,6 +63,8 @@ class EmulatorProcess:
         self.stage_seconds = stage_seconds
         self.api_key = api_key
         self.refuse_jobs_at_start = refuse_jobs
+        self.fine_tuning_closes = fine_tuning_closes
+        self.model_owner = model_owner
         self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -120,6 +124,10 @@ class EmulatorProcess:
             command += ["--api-key", self.api_key]
         if self.refuse_jobs_at_start:
             command.append("--refuse-jobs")
+        if self.fine_tuning_closes:
+            command += ["--fine-tuning-closes", self.fine_tuning_closes]
+        if self.model_owner:
+            command += ["--model-owner", self.model_owner]
         env = dict(os.environ)
         # Importable even without the editable install.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
@@ -211,6 +219,16 @@ class EmulatorProcess:
     def refuse_jobs(self, refuse: bool = True, **options: Any) -> dict[str, Any]:
         """Refuse (or accept again) new fine-tuning jobs; options: ``status`` (400/403), ``message``."""
         return self._admin("POST", "/refuse_jobs", {"refuse": refuse, **options})
+
+    def set_clock(self, now: float | None = None, advance_seconds: float = 0.0) -> dict[str, Any]:
+        """Move the emulator's clock to ``now`` (Unix seconds) and/or by ``advance_seconds``."""
+        return self._admin("POST", "/clock", {"now": now, "advance_seconds": advance_seconds})
+
+    def set_deprecation(self, model: str, fine_tune: int | None, inference: int | None) -> dict[str, Any]:
+        """What the Azure Models API reports as ``deprecation`` for ``model`` (Unix seconds)."""
+        return self._admin(
+            "POST", "/deprecations", {"model": model, "fine_tune": fine_tune, "inference": inference}
+        )
 
     def fail_job(
         self,

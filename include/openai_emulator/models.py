@@ -54,3 +54,21 @@ def resolve(model: str) -> tuple[str, BaseModel] | None:
 def supported_names() -> list[str]:
     """Every accepted model name, for error messages."""
     return sorted(SNAPSHOTS) + sorted(ALIASES)
+
+
+def _ts(day: str) -> int:
+    from datetime import UTC, datetime
+
+    return int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp())
+
+
+# What the emulated Azure Models API reports in ``deprecation`` (Unix seconds): the emulator's
+# own copy of Microsoft's retirement schedule, so that the pipeline's reading of it is tested
+# against data it does not ship itself. ``POST /_emulator/deprecations`` changes a model's.
+AZURE_DEPRECATIONS: dict[str, dict[str, int]] = {
+    "gpt-4o-mini-2024-07-18": {"fine_tune": _ts("2027-04-01"), "inference": _ts("2027-10-01")},
+    "gpt-4o-2024-08-06": {"fine_tune": _ts("2027-04-01"), "inference": _ts("2027-10-01")},
+    "gpt-4.1-mini-2025-04-14": {"fine_tune": _ts("2027-04-14"), "inference": _ts("2027-10-14")},
+    "gpt-4.1-2025-04-14": {"fine_tune": _ts("2027-04-14"), "inference": _ts("2027-10-14")},
+    "gpt-4.1-nano-2025-04-14": {"fine_tune": _ts("2027-04-14"), "inference": _ts("2027-10-14")},
+}

@@ -74,3 +74,22 @@ class FailJob(BaseModel):
     code: str = "server_error"
     message: str = "The job failed due to an internal error."
     param: str | None = None
+
+
+class Clock(BaseModel):
+    """The body of ``POST /_emulator/clock``: set ``now`` (Unix seconds) and/or advance it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    now: float | None = None
+    advance_seconds: float = 0.0
+
+
+class Deprecation(BaseModel):
+    """The body of ``POST /_emulator/deprecations``: one model's Azure ``deprecation`` dates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    fine_tune: int | None = None
+    inference: int | None = None

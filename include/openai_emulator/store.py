@@ -221,9 +221,18 @@ class Store:
         self.refuse_jobs = settings.refuse_jobs
         self.refuse_status = settings.refuse_status
         self.refuse_message: str | None = None
+        # Seconds added to the settings' clock (``POST /_emulator/clock``); reset forgets it.
+        self.clock_offset = 0.0
+        self.deprecations: dict[str, dict[str, int]] = {
+            k: dict(v) for k, v in models.AZURE_DEPRECATIONS.items()
+        }
 
     def now(self) -> float:
-        return self.settings.clock()
+        return self.settings.clock() + self.clock_offset
+
+    def fine_tuning_closed(self) -> bool:
+        closes = self.settings.fine_tuning_closes_at
+        return self.refuse_jobs or (closes is not None and self.now() >= closes)
 
     def reset(self) -> None:
         """Forget every file, job and logged request; refusal goes back to the settings' value."""
@@ -235,6 +244,8 @@ class Store:
             self.refuse_jobs = self.settings.refuse_jobs
             self.refuse_status = self.settings.refuse_status
             self.refuse_message = None
+            self.clock_offset = 0.0
+            self.deprecations = {k: dict(v) for k, v in models.AZURE_DEPRECATIONS.items()}
 
     # ----------------------------------------------------------------------------- files
 
@@ -269,7 +280,7 @@ class Store:
     def create_job(self, body: JobCreate) -> Job:
         """Check a create request as OpenAI does (400s) and enqueue the job."""
         with self.lock:
-            if self.refuse_jobs:
+            if self.fine_tuning_closed():
                 raise APIError(
                     self.refuse_status,
                     self.refuse_message or REFUSAL_MESSAGE,
@@ -474,7 +485,7 @@ class Store:
         self._report_metrics(job, at)
         epochs = job.resolved["n_epochs"] if job.resolved else AUTO_EPOCHS
         short = job.id.removeprefix("ftjob-")[:8]
-        job.fine_tuned_model = f"ft:{job.base.name}:emulator:{job.suffix or ''}:{short}"
+        job.fine_tuned_model = f"ft:{job.base.name}:{self.settings.model_owner}:{job.suffix or ''}:{short}"
         job.trained_tokens = job.training_report.tokens * epochs
         for epoch in range(max(1, epochs - CHECKPOINTS_KEPT + 1), epochs + 1):
             step = job.steps_per_epoch * epoch

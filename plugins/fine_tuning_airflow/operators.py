@@ -53,9 +53,10 @@ def _fail_fast(exc: BaseException) -> BaseException:
 
     from fine_tuning.config import ConfigError
     from fine_tuning.pipeline import CostLimitExceeded
+    from fine_tuning.retirement import TrainingRetiredError
     from fine_tuning.train.providers import TrainingRefusedError
 
-    if isinstance(exc, ConfigError | CostLimitExceeded | TrainingRefusedError):
+    if isinstance(exc, ConfigError | CostLimitExceeded | TrainingRefusedError | TrainingRetiredError):
         return AirflowFailException(str(exc))
     return exc
 

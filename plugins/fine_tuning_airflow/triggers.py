@@ -133,6 +133,33 @@ class FineTuningJobTrigger(BaseTrigger):
             },
         )
 
+    async def on_kill(self) -> None:
+        """A person marked the deferred ``wait`` failed or success, or cleared it: cancel the job.
+
+        Airflow calls ``on_kill`` of a deferred task's trigger on user actions only (3.3+: not on
+        a triggerer restart, a redistribution or the trigger's timeout; the worker-side
+        ``on_kill`` never runs for a deferred task), so a job is never cancelled because the
+        triggerer moved. ``cleanup`` runs on every exit and cancels nothing.
+        """
+        from fine_tuning.config import load_config
+        from fine_tuning.train.providers import get_provider
+        from fine_tuning_airflow.hooks import OpenAIFineTuningHook
+
+        try:
+            config = await OpenAIFineTuningHook(self.openai_conn_id).aapply_to(
+                load_config(params=self.config or {})
+            )
+            provider = get_provider(config, self.provider)
+            state = await asyncio.to_thread(provider.cancel, self.job_id)
+        except Exception as exc:  # noqa: BLE001 - logged loudly: the job may still be running
+            self.log.error(
+                "the wait was killed, but cancelling %s job %s failed: %s", self.provider, self.job_id, exc
+            )
+            return
+        self.log.warning(
+            "the wait was killed by a user: %s job %s is now %s", self.provider, self.job_id, state
+        )
+
     def _event(self, status: Literal["success", "error"], message: str, **fields: Any) -> TriggerEvent:
         event = JobEvent(status=status, job_id=self.job_id, message=message, provider=self.provider, **fields)
         return TriggerEvent(event.model_dump(mode="json"))

@@ -28,7 +28,6 @@ from fine_tuning.cli.analyze import main as analyze_main
 from fine_tuning.config import ConfigError, PipelineConfig, load_config
 from fine_tuning.deploy import rollout
 from fine_tuning.infra import db
-from fine_tuning.infra.health import check_health
 from fine_tuning.infra.redis import redis_client
 from fine_tuning.manifests import RunContext
 from fine_tuning.pipeline import (
@@ -38,6 +37,7 @@ from fine_tuning.pipeline import (
     deployment_manifest,
     run_step,
 )
+from fine_tuning.pipeline import health as pipeline_health
 from fine_tuning.step_graph import EXIT_SKIPPED
 
 EXIT_BAD_INPUT = 2
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def health(config: PipelineConfig) -> int:
     """``health``: print the report as JSON, send its gauges, exit 0 healthy / 1 not."""
-    report = check_health(config, emit_metrics=True)
+    report = pipeline_health(config, emit_metrics=True)
     print(json.dumps(report.model_dump(mode="json"), indent=2))
     return 0 if report.healthy else 1
 

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from fine_tuning.config import PipelineConfig
+from fine_tuning.config import PipelineConfig, RolloutConfig
 from fine_tuning.evaluate import ab, analysis
 from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
-from fine_tuning.routing import Routing, set_routing
+from fine_tuning.retirement import write_routing
+from fine_tuning.routing import Routing
 from fine_tuning.track.registry import demote_candidate, find_version_of, promote_champion
 
 if TYPE_CHECKING:
@@ -77,6 +78,16 @@ def active_deployments(config: PipelineConfig) -> list[str]:
         ]
 
 
+def rollback_target(config: PipelineConfig, model_type: str) -> str | None:
+    """The model an active rollout of ``model_type`` would roll back to (None: no rollout)."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        row = conn.execute(
+            "SELECT previous_model FROM deployments WHERE model_type = %s AND status = 'rolling_out'",
+            (model_type,),
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def _event(
     conn: Any, deployment_id: str, kind: str, traffic: float, detail: dict[str, Any], at: datetime
 ) -> None:
@@ -124,6 +135,9 @@ def deploy(
     deployment = config.deployment
     strategy = strategy or deployment.strategy
     rollout = deployment.rollout_config
+    migration = (test["success_criteria"] or {}).get("migration")
+    if migration and strategy == "gradual_rollout":
+        rollout = _ramp_before(rollout, datetime.fromisoformat(migration["deadline"]), now)
     traffic = (
         rollout.max_traffic if strategy == "immediate" else min(rollout.initial_traffic, rollout.max_traffic)
     )
@@ -160,15 +174,39 @@ def deploy(
         if concurrent:
             return get_deployment(config, concurrent["id"])
         raise DeploymentRefused(f"another rollout of {test['model_type']} models is active") from None
-    set_routing(
+    write_routing(
+        config,
         redis_client,
         test["model_type"],
         Routing(test["baseline_model"], test["candidate_model"], traffic, deployment_id),
+        now,
     )
     get_metrics(config).rollout_traffic_share(traffic)
     if traffic >= rollout.max_traffic:
         _complete(config, redis_client, get_deployment(config, deployment_id), now)
     return get_deployment(config, deployment_id)
+
+
+def _ramp_before(rollout: RolloutConfig, deadline: datetime, now: datetime) -> RolloutConfig:
+    """A forced migration's ramp: the configured steps, each shortened so that the last one
+    lands by 80% of the time left before the deadline (the old model stops serving then)."""
+    steps = max(
+        math.ceil((rollout.max_traffic - rollout.initial_traffic) / rollout.increment_percentage - 1e-9), 1
+    )
+    hours_left = (deadline - now).total_seconds() / 3600
+    if hours_left <= 0:
+        raise DeploymentRefused(f"the migration's deadline {deadline.isoformat()} has passed")
+    interval = min(rollout.increment_interval_hours, 0.8 * hours_left / steps)
+    if interval < rollout.increment_interval_hours:
+        log.warning(
+            "forced migration: ramp steps every %.2f h instead of %.2f h, to reach %.0f%% before %s",
+            interval,
+            rollout.increment_interval_hours,
+            rollout.max_traffic * 100,
+            deadline.isoformat(),
+        )
+    # A deadline, not evidence, sets this ramp's pace: it runs on the (shortened) clock.
+    return rollout.model_copy(update={"increment_interval_hours": interval, "advance_on": "clock"})
 
 
 def health(config: PipelineConfig, record: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -283,10 +321,12 @@ def watch(
             {"metrics": verdict["metrics"], "evidence": verdict.get("evidence")},
             now,
         )
-    set_routing(
+    write_routing(
+        config,
         redis_client,
         record["model_type"],
         Routing(record["previous_model"], record["candidate_model"], traffic, deployment_id),
+        now,
     )
     get_metrics(config).rollout_traffic_share(traffic)
     log.info("deployment %s advanced to %.0f%%", deployment_id, traffic * 100)
@@ -306,10 +346,12 @@ def _complete(
             (now, record["id"]),
         )
         _event(conn, record["id"], "completed", record["current_traffic"], {}, now)
-    set_routing(
+    write_routing(
+        config,
         redis_client,
         record["model_type"],
         Routing(record["candidate_model"], None, 0.0, f"{record['id']}:completed"),
+        now,
     )
     if record["candidate_version"]:
         promote_champion(config, record["candidate_version"])
@@ -332,14 +374,20 @@ def rollback(
     if record["status"] == "rolled_back":
         return record
     started = detected_at or time.perf_counter()
-    switch_seconds = set_routing(
+    # A rollback target past its inference retirement is replaced by the serving fallback.
+    switch_started = time.perf_counter()
+    served = write_routing(
+        config,
         redis_client,
         record["model_type"],
         Routing(record["previous_model"], None, 0.0, f"{deployment_id}:rolled_back"),
+        now,
     )
+    switch_seconds = time.perf_counter() - switch_started
     trigger_to_switch = time.perf_counter() - started
     detail = {
         "reason": reason,
+        "restored_model": served.baseline_model,
         "routing_switch_seconds": switch_seconds,
         "trigger_to_switch_seconds": trigger_to_switch,
     }

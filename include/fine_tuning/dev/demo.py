@@ -82,6 +82,8 @@ def airflow_env(stack: Stack, database_url: str, airflow_home: Path, data_dir: P
         "MLFLOW_TRACKING_URI": stack.mlflow_uri,
         "OPENAI_BASE_URL": stack.openai_base_url,
         "OPENAI_API_KEY": "sk-demo-local",
+        # The emulator's retirement schedule (it keeps training): see emulated-retirements.json.
+        "FINE_TUNING_RETIREMENT_TABLE": str(Path(__file__).with_name("emulated-retirements.json")),
     }
 
 

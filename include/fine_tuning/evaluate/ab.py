@@ -11,15 +11,17 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from fine_tuning import clock
 from fine_tuning.config import PipelineConfig
 from fine_tuning.evaluate import analysis, stats
 from fine_tuning.evaluate.plots import log_evaluation_plot
 from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
+from fine_tuning.retirement import served_routing, write_routing
 from fine_tuning.routing import Routing, set_routing
 
 if TYPE_CHECKING:
@@ -196,10 +198,15 @@ def create_ab_test(
     candidate_version: str | None = None,
     dag_id: str | None = None,
     run_id: str | None = None,
+    migration: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Record the test, check its power, and route ``traffic_split`` of requests to the candidate.
 
     Idempotent per (dag_id, run_id): a retried task gets the test it created before.
+
+    ``migration`` (a forced migration, see :func:`fine_tuning.pipeline.plan_migration`) makes the
+    test a non-inferiority test (``retirement.non_inferiority_margin``) that ends by half the time
+    left before the deadline, so that the rollout can finish before the old model stops serving.
     """
     entered = time.monotonic()
     evaluation = config.evaluation
@@ -242,6 +249,18 @@ def create_ab_test(
         log.info("A/B test power: %s", plan_dict["message"])
 
     ab_test_id = _new_id(now)
+    routing = served_routing(
+        config,
+        evaluation.model_type,
+        Routing(baseline_model, candidate_model, evaluation.traffic_split, ab_test_id),
+        now,
+    )
+    if (routing.baseline_model, routing.candidate_model) != (baseline_model, candidate_model):
+        raise ABTestError(
+            f"cannot A/B test {candidate_model!r} against {baseline_model!r}: a model past its inference "
+            f"retirement cannot take traffic (the routing would serve {routing.baseline_model!r} and "
+            f"{routing.candidate_model!r}); see fine_tuning.retirement"
+        )
     criteria = {
         **evaluation.success_criteria.model_dump(),
         "significance_threshold": evaluation.significance_threshold,
@@ -252,7 +271,30 @@ def create_ab_test(
         "variance_reduction": evaluation.variance_reduction,
         "covariate_days": evaluation.covariate_days,
     }
-    planned_end = now + timedelta(hours=evaluation.duration_hours)
+    duration = timedelta(hours=evaluation.duration_hours)
+    if migration:
+        deadline = datetime.fromisoformat(migration["deadline"])
+        if deadline <= now:
+            raise ABTestError(
+                f"migration from {migration['from_model']}: its deadline {deadline.isoformat()} has passed; "
+                "the routing serves retirement.serving_fallback once the model retires"
+            )
+        criteria.update(
+            {
+                "rule": "non_inferiority",
+                "non_inferiority_margin": config.retirement.non_inferiority_margin,
+                "migration": migration,
+            }
+        )
+        duration = min(duration, (deadline - now) / 2)
+        log.warning(
+            "A/B test of %s is a forced migration (%s): non-inferiority within %.0f%%, ending by %s",
+            candidate_model,
+            migration["reason"],
+            config.retirement.non_inferiority_margin * 100,
+            (now + duration).isoformat(),
+        )
+    planned_end = now + duration
     with db.connect(database_url) as conn, conn.transaction():
         conn.execute(
             """
@@ -278,15 +320,11 @@ def create_ab_test(
         )
         # The test starts when the routing switches, not when this function began: posts made
         # in between were all routed to the baseline and would skew the sample ratio.
-        set_routing(
-            redis_client,
-            evaluation.model_type,
-            Routing(baseline_model, candidate_model, evaluation.traffic_split, ab_test_id),
-        )
+        set_routing(redis_client, evaluation.model_type, routing)
         started = now + timedelta(seconds=time.monotonic() - entered)
         conn.execute(
             "UPDATE ab_tests SET started_at = %s, planned_end_at = %s WHERE id = %s",
-            (started, started + timedelta(hours=evaluation.duration_hours), ab_test_id),
+            (started, started + duration, ab_test_id),
         )
     return get_ab_test(config, ab_test_id)
 
@@ -328,13 +366,72 @@ def analyze_test(
 ) -> analysis.Analysis:
     """The one analysis (:func:`fine_tuning.evaluate.analysis.analyze_look`) of a recorded test."""
     criteria = test["success_criteria"]
-    return analysis.analyze_look(
+    finished = until >= test["planned_end_at"]
+    result = analysis.analyze_look(
         analysis.LookInputs.from_aggregates(aggregates, test["traffic_split"]),
         analysis.Criteria.from_record(criteria),
         method=criteria.get("method", "sequential"),
         state=analysis.LookState.from_record(test["min_sequential_p"], test["last_analysis"]),
-        finished=until >= test["planned_end_at"],
+        finished=finished,
     )
+    if criteria.get("rule") == "non_inferiority" and result.counted:
+        return non_inferiority_decision(result, float(criteria["non_inferiority_margin"]), finished)
+    return result
+
+
+def non_inferiority_decision(result: analysis.Analysis, margin: float, finished: bool) -> analysis.Analysis:
+    """A forced migration's verdict: the replacement need not be better, only not worse.
+
+    Promote when the (always-valid, for the sequential method) confidence interval of the
+    relative engagement lift lies above ``-margin``, every guardrail passed its non-inferiority
+    test, no required criterion is missing and the sample ratio is clean; reject when the
+    interval lies below ``-margin``, a guardrail is violated, the ratio is off, or the test ends
+    without showing non-inferiority. Cost is reported but does not decide: the model it is
+    compared with retires.
+    """
+    assert result.ci_lower is not None and result.ci_upper is not None
+    deciding = [g for g in result.guardrails if g.name != "cost_per_post"]
+    guardrails_pass = all(g.status == "pass" for g in deciding)
+    violated = any(g.status == "violated" for g in deciding)
+    shown = result.ci_lower > -margin
+    worse = result.ci_upper < -margin
+
+    def is_cost(reason: dict[str, Any]) -> bool:
+        return reason.get("criterion") in ("cost_efficiency_gain", "guardrail:cost_per_post", "cost")
+
+    reasons = [
+        {**r, "ok": None, "note": "reported; does not decide a forced migration"} if is_cost(r) else r
+        for r in result.reasons
+        if r.get("criterion") not in ("engagement_lift", "significance", "verdict")
+    ]
+    missing = any(r.get("status") == "missing" and r["ok"] is False for r in reasons)
+    reasons.insert(
+        0,
+        {
+            "criterion": "engagement_non_inferiority",
+            "value": result.relative_lift,
+            "ci": [result.ci_lower, result.ci_upper],
+            "threshold": -margin,
+            "ok": shown,
+            "note": f"lower bound of the lift must be above -{margin:.0%} (forced migration)",
+        },
+    )
+    decision: analysis.Decision
+    if result.srm_ok and shown and guardrails_pass and not missing:
+        decision = "promote"
+        note = "not worse than the retiring model: promoted for the migration"
+    elif not result.srm_ok:
+        decision, note = "reject", "SRM: the test is invalid and cannot promote"
+    elif worse:
+        decision, note = "reject", f"the replacement is worse by more than {margin:.0%}"
+    elif violated:
+        decision, note = "reject", "a guardrail is significantly worse"
+    elif finished:
+        decision, note = "reject", "the test ended without showing non-inferiority"
+    else:
+        decision, note = "continue", "non-inferiority not shown yet"
+    reasons.append({"criterion": "verdict", "note": note})
+    return replace(result, decision=decision, reasons=reasons)
 
 
 def _emit_metrics(
@@ -404,10 +501,12 @@ def evaluate_ab_test(
         )
     _emit_metrics(config, ab_test_id, metrics, decision)
     if decision == "reject" and redis_client is not None:
-        set_routing(
+        write_routing(
+            config,
             redis_client,
             test["model_type"],
             Routing(test["baseline_model"], None, 0.0, f"{ab_test_id}:rejected"),
+            now,
         )
     log.info("A/B test %s look %d: %s", ab_test_id, test["looks"] + 1, decision)
     return {"ab_test_id": ab_test_id, "decision": decision, "analysis": body, "final": decision != "continue"}
@@ -426,5 +525,7 @@ def stop_ab_test(config: PipelineConfig, redis_client: redis.Redis, ab_test_id: 
         ).fetchone()
     if row is None:
         return False
-    set_routing(redis_client, row[0], Routing(row[1], None, 0.0, f"{ab_test_id}:aborted"))
+    write_routing(
+        config, redis_client, row[0], Routing(row[1], None, 0.0, f"{ab_test_id}:aborted"), clock.now_utc()
+    )
     return True

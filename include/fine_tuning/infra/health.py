@@ -73,6 +73,21 @@ class HealthReport(BaseModel):
     breakers: dict[str, BreakerStatus]
     connection_pools: dict[str, int | None]
     performance_metrics: dict[str, float | None]
+    # The models the pipeline depends on, by role, with their retirements (fine_tuning.retirement;
+    # filled in by fine_tuning.pipeline.health).
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def with_models(self, models: dict[str, dict[str, Any]]) -> HealthReport:
+        """The report with the models' retirements: degraded while one retires within the horizon."""
+        retiring = any(
+            entry.get(kind) in ("retiring", "retired")
+            for entry in models.values()
+            for kind in ("inference", "training")
+        )
+        status = self.status
+        if retiring and status == "healthy":
+            status = "degraded"
+        return self.model_copy(update={"models": models, "status": status})
 
     @property
     def http_status(self) -> int:
@@ -292,6 +307,17 @@ def emit_report(config: PipelineConfig, report: HealthReport) -> None:
     )
     for name, breaker in report.breakers.items():
         emitter.breaker_state(name, breaker.state)
+    for role, model, kind, days in _days_to_retirement(report):
+        emitter.days_to_retirement(role, kind, model, days)
+
+
+def _days_to_retirement(report: HealthReport) -> Iterator[tuple[str, str, str, float]]:
+    """``(role, model, kind, days)`` for every known retirement date (0 once retired)."""
+    for role, entry in report.models.items():
+        for kind in ("training", "inference"):
+            days = entry.get(f"days_to_{kind}_retirement")
+            if days is not None and entry.get("model"):
+                yield role, str(entry["model"]), kind, max(float(days), 0.0)
 
 
 class _ReportCollector:
@@ -307,6 +333,15 @@ class _ReportCollector:
         healthy = GaugeMetricFamily("fine_tuning_healthy", "1 while every required dependency answers")
         healthy.add_metric([], 1.0 if report.healthy else 0.0)
         yield healthy
+
+        retiring = GaugeMetricFamily(
+            metrics.MODEL_DAYS_TO_RETIREMENT.prometheus,
+            metrics.MODEL_DAYS_TO_RETIREMENT.help,
+            labels=["role", "kind", "model"],
+        )
+        for role, model, kind, days in _days_to_retirement(report):
+            retiring.add_metric([role, kind, metrics.label_value(model)], days)
+        yield retiring
 
         up = GaugeMetricFamily(
             metrics.COMPONENT_UP.prometheus, metrics.COMPONENT_UP.help, labels=["component", "required"]

@@ -262,6 +262,23 @@ ROLLBACKS = _spec(
     "trigger",
     help="Rollbacks by trigger (engagement_drop, error_rate, latency, manual)",
 )
+# -- retirements (fine_tuning.retirement) ---------------------------------------------------
+MODEL_DAYS_TO_RETIREMENT = _spec(
+    "model.days_to_retirement.{role}.{kind}.{model}",
+    "gauge",
+    "fine_tuning_model_days_to_retirement",
+    "role",
+    "kind",
+    "model",
+    help="Days until a model the pipeline depends on stops training/serving (0 once retired)",
+)
+RETIRED_MODEL_REPLACED = _spec(
+    "routing.retired_model_replaced.{model_type}",
+    "counter",
+    "fine_tuning_routing_retired_model_replaced_total",
+    "model_type",
+    help="Live routings rewritten because they named a model past its inference retirement",
+)
 
 METRICS: tuple[MetricSpec, ...] = tuple(
     value for value in list(globals().values()) if isinstance(value, MetricSpec)
@@ -414,6 +431,14 @@ class Metrics:
     def rollback(self, trigger: str) -> None:
         """:param trigger: ``engagement_drop``, ``error_rate``, ``latency``, ``guardrail`` or ``manual``."""
         self.emit(ROLLBACKS, 1, trigger=trigger)
+
+    def days_to_retirement(self, role: str, kind: str, model: str, days: float) -> None:
+        """:param role: ``base_model``, ``champion``, ``baseline``, ``candidate``, ``rollback_target``
+        or ``fallback``; :param kind: ``training`` or ``inference``."""
+        self.emit(MODEL_DAYS_TO_RETIREMENT, days, role=role, kind=kind, model=model)
+
+    def retired_model_replaced(self, model_type: str) -> None:
+        self.emit(RETIRED_MODEL_REPLACED, 1, model_type=model_type)
 
 
 class BreakerMetricsListener:

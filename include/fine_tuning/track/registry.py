@@ -205,6 +205,7 @@ def register_candidate(
         fine_tuned_model=result.fine_tuned_model,
         status="buffered",
         outbox_path=str(outcome.path),
+        migration=training.migration,
     )
 
 
@@ -248,6 +249,8 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
     )
     _log_batch(client, mlflow_run_id, params, metrics)
     client.set_tag(mlflow_run_id, "fine_tuned_model", result.fine_tuned_model)
+    for key, value in (training.migration or {}).items():  # a forced migration says so
+        client.set_tag(mlflow_run_id, f"migration.{key}", value)
     client.log_dict(mlflow_run_id, collect.model_dump(mode="json"), "manifests/collect.json")
     client.log_dict(mlflow_run_id, training.model_dump(mode="json"), "manifests/training.json")
     client.log_dict(mlflow_run_id, result.model_dump(mode="json"), "manifests/job.json")
@@ -266,6 +269,8 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
     if payload.get("artifacts"):
         _log_training_artifacts(client, mlflow_run_id, payload["artifacts"])
     version = _get_or_create_version(model_name, client, mlflow_run_id, training, result)
+    for key, value in (training.migration or {}).items():
+        client.set_model_version_tag(model_name, version, f"migration.{key}", value)
     client.set_registered_model_alias(model_name, alias, version)
     client.set_terminated(mlflow_run_id, "FINISHED")
     log.info(
@@ -283,6 +288,7 @@ def apply_registration(config: PipelineConfig, payload: dict[str, Any]) -> dict[
         model_version=version,
         alias=alias,
         fine_tuned_model=result.fine_tuned_model or "",
+        migration=training.migration,
     )
     if payload.get("manifest_path"):  # a replay brings the step's manifest up to date
         write_manifest(manifest, payload["manifest_path"])

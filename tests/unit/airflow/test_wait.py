@@ -133,3 +133,34 @@ def test_on_kill_cancels_the_job(connection: OpenAI) -> None:
     job_id = start_job(connection)
     WaitForFineTuningJobOperator(task_id="wait", job_id=job_id).on_kill()
     assert connection.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
+
+
+async def test_a_user_kill_of_the_deferred_wait_cancels_the_job_and_cleanup_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Airflow 3.3 calls the trigger's ``on_kill`` when a person marks the deferred task failed
+    or clears it (never on a triggerer restart, which only ends ``run`` and calls ``cleanup``)."""
+    from openai_emulator.launch import EmulatorProcess
+
+    with EmulatorProcess(stage_seconds=60) as slow:  # the job stays live for the whole test
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_OPENAI_DEFAULT",
+            json.dumps({"conn_type": "generic", "host": slow.base_url, "password": "sk-conn-key"}),
+        )
+        await _kill_then_restart(OpenAI(base_url=slow.base_url, api_key="sk-conn-key"))
+
+
+async def _kill_then_restart(connection: OpenAI) -> None:
+    job_id = start_job(connection)
+    trigger = FineTuningJobTrigger(job_id=job_id, poll_interval=0.1)
+    polling = asyncio.ensure_future(trigger.run().__anext__())
+    await asyncio.sleep(0.3)
+    # A triggerer restart: the run is cancelled and cleaned up; the job goes on.
+    polling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await polling
+    await trigger.cleanup()
+    assert connection.fine_tuning.jobs.retrieve(job_id).status == "validating_files"
+    # A person marks it failed: the trigger cancels the job at the provider.
+    await trigger.on_kill()
+    assert connection.fine_tuning.jobs.retrieve(job_id).status == "cancelled"

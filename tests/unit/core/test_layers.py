@@ -22,7 +22,7 @@ PLUGIN = REPO / "plugins"
 # The stages come in pipeline order: a stage may use an earlier one (train counts tokens with
 # collect's counter, deploy reads evaluate's A/B records), never a later one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("fine_tuning", "fine_tuning.config", "fine_tuning.manifests", "fine_tuning.routing", "fine_tuning.clock",
+    ("core", ("fine_tuning", "fine_tuning.config", "fine_tuning.manifests", "fine_tuning.routing", "fine_tuning.clock", "fine_tuning.retirement",
               "fine_tuning.step_graph")),
     ("infra", ("fine_tuning.infra",)),
     ("collect", ("fine_tuning.collect",)),

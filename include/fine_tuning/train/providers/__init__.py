@@ -8,7 +8,8 @@ earlier try's file/job first), reports status in the same states for every provi
 and names the trained model in a way the A/B routing and MLflow understand.
 
 ``get_provider(config)`` picks the implementation from ``training.provider``:
-``openai`` (default), ``azure_openai`` or ``selfhosted`` (LoRA with transformers + peft + trl).
+``openai`` (default), ``azure_openai``, ``openai_compatible`` (a gateway or host speaking OpenAI's
+files + fine-tuning jobs API) or ``selfhosted`` (LoRA with transformers + peft + trl).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, ClassVar, Literal, cast
 from fine_tuning.collect import tokens as token_math
 from fine_tuning.config import PipelineConfig
 from fine_tuning.manifests import JobResult
+from fine_tuning.retirement import ReportedDates
 
 JobState = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
@@ -199,11 +201,17 @@ class TrainingProvider(ABC):
         """Files and metrics to log to MLflow with the candidate (none for hosted providers)."""
         return {}
 
+    def reported_retirements(self) -> dict[tuple[str, str], ReportedDates]:
+        """Retirement dates the provider reports for its models, keyed by (provider, model);
+        empty where it reports none (the shipped table then applies)."""
+        return {}
+
 
 PROVIDERS: dict[str, str] = {
     "openai": "fine_tuning.train.providers.openai:OpenAIProvider",
     "azure_openai": "fine_tuning.train.providers.azure_openai:AzureOpenAIProvider",
     "selfhosted": "fine_tuning.train.providers.selfhosted:SelfHostedProvider",
+    "openai_compatible": "fine_tuning.train.providers.openai_compatible:OpenAICompatibleProvider",
 }
 
 

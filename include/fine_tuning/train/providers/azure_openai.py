@@ -9,9 +9,11 @@ unchanged: only the client differs.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fine_tuning.config import PipelineConfig
+from fine_tuning.retirement import ReportedDates
 from fine_tuning.train.providers import JobStatus
 from fine_tuning.train.providers.openai import OpenAIProvider
 
@@ -92,3 +94,28 @@ class AzureOpenAIProvider(OpenAIProvider):
     def model_reference(self, status: JobStatus) -> str | None:
         # Azure serves a fine-tuned model through a deployment; routing calls the deployment.
         return self.config.training.azure.deployment_name or status.model_reference
+
+    def reported_retirements(self) -> dict[tuple[str, str], ReportedDates]:
+        """Azure's own dates: ``GET {endpoint}/openai/models`` reports, per model, the Unix
+        timestamps ``deprecation.fine_tune`` and ``deprecation.inference``."""
+        client = self.client(max_retries=1)
+        page = self.guarded(client.models.list)
+        reported: dict[tuple[str, str], ReportedDates] = {}
+        for model in page.data:
+            extra: dict[str, Any] = model.model_extra or {}
+            deprecation = extra.get("deprecation") or {}
+            if not deprecation:
+                continue
+            reported[(self.name, model.id)] = ReportedDates(
+                training_retires=_day(deprecation.get("fine_tune")),
+                inference_retires=_day(deprecation.get("inference")),
+                source=f"Azure OpenAI Models API of {azure_credentials(self.config)[1]} (deprecation)",
+            )
+        return reported
+
+
+def _day(timestamp: Any) -> Any:
+    """A Unix timestamp as its UTC day (None stays None)."""
+    if timestamp in (None, ""):
+        return None
+    return datetime.fromtimestamp(int(timestamp), UTC).date()

@@ -122,6 +122,11 @@ def _backoff_seconds(retry_state: Any, exc: BaseException | None) -> float:
     return float(wait_random_exponential(multiplier=0.5, max=8.0)(retry_state))
 
 
+# Error codes with which an OpenAI-API server says that it takes no fine-tuning jobs at all
+# (the emulator answers the first, as OpenAI does after its shutdown); the message is matched too.
+CLOSED_CODES = frozenset({"fine_tuning_unavailable", "fine_tuning_not_available", "fine_tuning_disabled"})
+
+
 def _refusal(exc: Exception, base_model: str) -> Exception:
     """Say plainly when OpenAI will not train at all, instead of failing as a generic 400."""
     code = _error_code(exc) or ""
@@ -132,7 +137,10 @@ def _refusal(exc: Exception, base_model: str) -> Exception:
             f"({message}). Add credit to the organisation, or switch training.provider."
         )
     lowered = message.lower()
-    if "fine-tun" in lowered and any(w in lowered for w in ("no longer", "not available", "unavailable")):
+    closed_message = "fine-tun" in lowered and any(
+        w in lowered for w in ("no longer", "not available", "unavailable")
+    )
+    if code in CLOSED_CODES or closed_message:
         return TrainingRefusedError(
             f"OpenAI refused to start a fine-tuning job of {base_model}: {message}. OpenAI closes "
             "new fine-tuning jobs (for everyone from 2027-01-06); switch training.provider to "

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from fine_tuning.infra.health import PROMETHEUS_CONTENT_TYPE, check_health, prometheus_text
+from fine_tuning.infra.health import PROMETHEUS_CONTENT_TYPE, prometheus_text
+from fine_tuning.pipeline import health as check_health
 from fine_tuning_airflow.api import deps
 
 router = APIRouter()
