@@ -148,6 +148,13 @@ class SelfHostedConfig(_Section):
     serving_adapter_root: str | None = None
 
 
+class InferencePrice(_Section):
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    ft_input: float = Field(ge=0)
+    ft_output: float = Field(ge=0)
+
+
 class OpenAICompatibleConfig(_Section):
     """``training.provider = "openai_compatible"``: a gateway or host that speaks OpenAI's files
     and fine-tuning jobs API at its own base URL (the same idempotent upload and job creation)."""
@@ -218,6 +225,30 @@ class TrainingConfig(_Section):
         }
     )
 
+    # USD per 1M tokens served (input, output) by OpenAI's price list, for a base model and for
+    # a model fine-tuned from it ("ft:<base>:..."): what the A/B test's cost per post is made of.
+    price_per_million_inference_tokens: dict[str, InferencePrice] = Field(
+        default_factory=lambda: {
+            "gpt-3.5-turbo-0125": InferencePrice(input=0.50, output=1.50, ft_input=3.00, ft_output=6.00),
+            "gpt-4o-mini-2024-07-18": InferencePrice(input=0.15, output=0.60, ft_input=0.30, ft_output=1.20),
+            "gpt-4o-2024-08-06": InferencePrice(input=2.50, output=10.00, ft_input=3.75, ft_output=15.00),
+            "gpt-4.1-nano-2025-04-14": InferencePrice(input=0.10, output=0.40, ft_input=0.20, ft_output=0.80),
+            "gpt-4.1-mini-2025-04-14": InferencePrice(input=0.40, output=1.60, ft_input=0.80, ft_output=3.20),
+            "gpt-4.1-2025-04-14": InferencePrice(input=2.00, output=8.00, ft_input=3.00, ft_output=12.00),
+        }
+    )
+
+    def inference_price(self, model_id: str) -> tuple[float, float]:
+        """USD per 1M (input, output) tokens of a served model: a base model or ``ft:<base>:...``."""
+        fine_tuned = model_id.startswith("ft:")
+        base = model_id.split(":")[1] if fine_tuned else model_id
+        price = self.price_per_million_inference_tokens.get(base)
+        if price is None:
+            raise ConfigError(
+                f"model {model_id!r}: no price for {base!r} in training.price_per_million_inference_tokens"
+            )
+        return (price.ft_input, price.ft_output) if fine_tuned else (price.input, price.output)
+
     def price_per_million(self) -> float:
         if self.provider == "openai_compatible":
             prices, where = self.openai_compatible.price_per_million_training_tokens, "openai_compatible."
@@ -249,7 +280,14 @@ class TrainingConfig(_Section):
 
 class SuccessCriteria(_Section):
     min_engagement_lift: float = Field(0.15, gt=0)
+    # Cost per post: by default a non-inferiority guardrail (the candidate may cost at most
+    # ``max_cost_increase`` more per post); "min_gain" asks it to cost min_cost_efficiency_gain less.
+    cost_rule: Literal["non_inferiority", "min_gain"] = "non_inferiority"
+    max_cost_increase: float = Field(0.10, ge=0)
     min_cost_efficiency_gain: float = Field(0.10, ge=0)
+    # Criteria whose data may be missing without blocking promotion: cost, quality_score,
+    # response_time_ms. Missing data is always reported.
+    optional: list[Literal["cost", "quality_score", "response_time_ms"]] = Field(default_factory=list)
 
 
 class GuardrailConfig(_Section):
@@ -278,10 +316,24 @@ class EvaluationConfig(_Section):
     # Hours of baseline history used for the power calculation.
     power_history_hours: float = Field(168, gt=0)
     metrics_cache_ttl_seconds: int = Field(300, ge=0)
+    # Posts per arm before a look counts: the estimated variances of the first posts are too
+    # noisy for any test (A/A with hourly looks from the first post: ~12% false positives).
+    min_samples_per_arm: int = Field(50, ge=2)
+    # Regression adjustment (CUPED) on the persona's mean engagement over the days before the
+    # test; "auto" uses it whenever that covariate exists.
+    variance_reduction: Literal["auto", "off"] = "auto"
+    covariate_days: float = Field(28, gt=0)
 
 
 class RolloutConfig(_Section):
     initial_traffic: float = Field(0.1, gt=0.0, le=1.0)
+    # "evidence": a stage advances once every guardrail is shown non-inferior (always-valid
+    # tests) on that stage's posts and min_dwell_hours have passed; "clock": every
+    # increment_interval_hours, whatever the evidence says (the seed's 24 h).
+    advance_on: Literal["evidence", "clock"] = "evidence"
+    min_dwell_hours: float = Field(2.0, gt=0)
+    # Engagement may be at most this share below the previous model's for a stage to pass.
+    engagement_margin: float = Field(0.10, gt=0.0, lt=1.0)
     # Hours; fractions allowed so that a demo's rollout lasts minutes.
     increment_interval_hours: float = Field(24, gt=0)
     increment_percentage: float = Field(0.1, gt=0.0, le=1.0)

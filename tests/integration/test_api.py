@@ -370,6 +370,10 @@ def test_ab_test_create_metrics_deploy_and_rollback(client: Any, admin: dict, vi
     assert metrics["metrics"]["candidate"]["sample_size"] == 80 and metrics["metrics"]["baseline"]["sample_size"] == 320
     assert metrics["performance_comparison"]["engagement_lift"] > 0.4
     assert metrics["statistical_analysis"]["is_significant"] is True and metrics["cached"] is False
+    # The seed's report names: Cohen's d with its label, and each arm's 95th percentile.
+    assert metrics["statistical_analysis"]["effect_size"] == "large"
+    assert metrics["statistical_analysis"]["cohens_d"] > 0.8
+    assert metrics["metrics"]["candidate"]["p95_engagement"] > metrics["metrics"]["baseline"]["p95_engagement"]
     second = client.get(f"/pipeline/evaluation/metrics/{ab_test_id}", headers=viewer).json()
     assert second["cached"] is True and second["metrics"] == metrics["metrics"]
 

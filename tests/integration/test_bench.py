@@ -89,6 +89,22 @@ def test_parse_time(tmp_path: Path) -> None:
     assert result["heavy_modules_imported_at_parse"] == []
 
 
+@pytest.mark.slow
+def test_decision_bench(tmp_path: Path) -> None:
+    env = {**os.environ, "DECISION_BENCH_TESTS": "4", "DECISION_BENCH_RAMPS": "1", "BENCH_RESULTS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "decision_bench.py")], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "decision.json").read_text())
+    assert {(r["method"], r["true_lift"]) for r in result["rows"]} == {
+        (m, lift) for m in ("ours", "ours_cuped", "fixed_horizon", "gbstats_sequential") for lift in (-0.2, 0.0, 0.1, 0.2)
+    }
+    keys = {"method", "true_lift", "tests", "promote_rate", "reject_rate", "ever_significant_rate",
+            "median_hours_to_decision"}
+    assert all(set(r) == keys and r["tests"] == 4 for r in result["rows"])
+    assert set(result["fixed_horizon_hours"]) == {"-0.2", "0.0", "0.1", "0.2"}
+
+
 def test_digest_set_is_a_set_across_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(collect._DigestSet, "_MERGE_AT", 64)  # many merges into the sorted buckets
     rng = random.Random(7)

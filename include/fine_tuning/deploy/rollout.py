@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from fine_tuning.config import PipelineConfig, RolloutConfig
-from fine_tuning.evaluate import ab
+from fine_tuning.evaluate import ab, analysis
 from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
 from fine_tuning.retirement import write_routing
@@ -217,7 +217,8 @@ def _ramp_before(rollout: RolloutConfig, deadline: datetime, now: datetime) -> R
             rollout.max_traffic * 100,
             deadline.isoformat(),
         )
-    return rollout.model_copy(update={"increment_interval_hours": interval})
+    # A deadline, not evidence, sets this ramp's pace: it runs on the (shortened) clock.
+    return rollout.model_copy(update={"increment_interval_hours": interval, "advance_on": "clock"})
 
 
 def health(config: PipelineConfig, record: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -244,7 +245,22 @@ def health(config: PipelineConfig, record: dict[str, Any], now: datetime) -> dic
         p95 = candidate["p95_response_time_ms"]
         if p95 is not None and p95 > triggers["p95_response_time_ms"]:
             fired.append(f"p95_response_time {p95:.0f} ms > {triggers['p95_response_time_ms']:.0f} ms")
-    return {"enough_data": enough, "fired": fired, "metrics": metrics}
+    return {"enough_data": enough, "fired": fired, "metrics": metrics, "aggregates": aggregates}
+
+
+def stage_evidence(
+    config: PipelineConfig, record: dict[str, Any], aggregates: dict[str, dict[str, Any]]
+) -> analysis.RampVerdict:
+    """The always-valid non-inferiority of every guardrail on this stage's posts, with the
+    margins (and optional criteria) the A/B test was decided with."""
+    test = ab.get_ab_test(config, record["ab_test_id"])
+    criteria = analysis.Criteria.from_record(test["success_criteria"])
+    # The stage's split is the rollout's traffic; the SRM check is the A/B test's business.
+    share = min(max(record["current_traffic"], 1e-6), 1 - 1e-6)
+    inputs = analysis.LookInputs.from_aggregates(aggregates, share)
+    ramp = record["rollout_config"]
+    stages = math.ceil((ramp["max_traffic"] - ramp["initial_traffic"]) / ramp["increment_percentage"]) + 1
+    return analysis.ramp_verdict(inputs, criteria, ramp["engagement_margin"], stages)
 
 
 def watch(
@@ -267,16 +283,39 @@ def watch(
             detected,
         )
     rollout = record["rollout_config"]
-    due = now - record["last_step_at"] >= timedelta(hours=rollout["increment_interval_hours"])
-    if not due or not verdict["enough_data"]:
-        detail = {
-            "reason": "not due" if not due else "not enough candidate posts yet",
-            "metrics": verdict["metrics"],
-        }
-        if due:
+    # Deployments recorded before the evidence ramp existed keep the clock they started with.
+    if rollout.get("advance_on", "clock") == "evidence":
+        dwelt = now - record["last_step_at"] >= timedelta(hours=rollout["min_dwell_hours"])
+        if not dwelt:
+            return get_deployment(config, deployment_id)
+        evidence = stage_evidence(config, record, verdict["aggregates"])
+        if evidence.verdict == "rollback":
+            return rollback(
+                config,
+                redis_client,
+                deployment_id,
+                "automatic: guardrail " + "; ".join(evidence.reasons),
+                now,
+                verdict,
+                time.perf_counter(),
+            )
+        if evidence.verdict == "hold":
+            detail = {"reason": "; ".join(evidence.reasons), "metrics": verdict["metrics"]}
             with db.connect(config.services.database_url.get_secret_value()) as conn:
                 _event(conn, deployment_id, "held", record["current_traffic"], detail, now)
-        return get_deployment(config, deployment_id)
+            return get_deployment(config, deployment_id)
+        verdict["evidence"] = evidence.to_dict()
+    else:
+        due = now - record["last_step_at"] >= timedelta(hours=rollout["increment_interval_hours"])
+        if not due or not verdict["enough_data"]:
+            detail = {
+                "reason": "not due" if not due else "not enough candidate posts yet",
+                "metrics": verdict["metrics"],
+            }
+            if due:
+                with db.connect(config.services.database_url.get_secret_value()) as conn:
+                    _event(conn, deployment_id, "held", record["current_traffic"], detail, now)
+            return get_deployment(config, deployment_id)
     traffic = min(
         round(record["current_traffic"] + rollout["increment_percentage"], 6), rollout["max_traffic"]
     )
@@ -286,7 +325,14 @@ def watch(
             " WHERE id = %s AND status = 'rolling_out'",
             (traffic, now, deployment_id),
         )
-        _event(conn, deployment_id, "advanced", traffic, {"metrics": verdict["metrics"]}, now)
+        _event(
+            conn,
+            deployment_id,
+            "advanced",
+            traffic,
+            {"metrics": verdict["metrics"], "evidence": verdict.get("evidence")},
+            now,
+        )
     write_routing(
         config,
         redis_client,
@@ -375,7 +421,8 @@ def rollback(
         except Exception as exc:  # noqa: BLE001
             log.error("rollback %s done, but moving MLflow aliases failed: %s", deployment_id, exc)
     fired = [name for name in ROLLBACK_TRIGGER_NAMES if name in reason]
-    get_metrics(config).rollback(fired[0] if fired else "manual")
+    automatic = "guardrail" if reason.startswith("automatic: guardrail") else "manual"
+    get_metrics(config).rollback(fired[0] if fired else automatic)
     get_metrics(config).rollout_traffic_share(0.0)
     log.warning("deployment %s rolled back in %.3f s: %s", deployment_id, trigger_to_switch, reason)
     return get_deployment(config, deployment_id)

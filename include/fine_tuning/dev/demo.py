@@ -38,7 +38,10 @@ from fine_tuning.routing import get_routing
 REPO = Path(__file__).resolve().parents[3]
 DAG_ID = "weekly_fine_tuning"
 DEMO_SCHEMA = "fine_tuning_demo"
-BASELINE = "gpt-3.5-turbo-0125"
+# The agent's body model and what is fine-tuned from it. Costs are true prices (the product's
+# table): the fine-tune's tokens cost twice the base model's, but it needs no few-shot prompt.
+BASELINE = "gpt-4o-mini-2024-07-18"
+FINE_TUNED_TOKENS = {"prompt_tokens": 100.0, "completion_tokens": 320.0}
 DEMO_REDIS_DB = 5
 
 
@@ -92,19 +95,25 @@ def airflow_env(
     }
 
 
-# Demo timings: an A/B test of minutes with a look every 10 s, rollout steps seconds apart.
+# Demo timings: an A/B test of minutes with a look every 10 s; each rollout stage advances once
+# its guardrails are shown non-inferior on that stage's posts (the evidence ramp), after a dwell
+# of seconds. With seconds of traffic per stage the error-rate margin is 3 points, not 1.
 DEMO_CONFIG = {
+    "body_model": BASELINE,
+    "training": {"base_model": BASELINE},
     "evaluation": {
         "traffic_split": 0.3,
         "duration_hours": 0.1,
         "evaluation_interval_minutes": 0.15,
         "power_history_hours": 0.01,  # the simulator's last 36 s: the traffic the test will see
+        "guardrails": {"error_rate_absolute_margin": 0.03},
     },
     "deployment": {
         "rollout_config": {
             "initial_traffic": 0.2,
             "increment_percentage": 0.4,
-            "increment_interval_hours": 0.001,
+            "advance_on": "evidence",
+            "min_dwell_hours": 0.001,
         },
         "rollback_triggers": {"min_posts": 30},
     },
@@ -128,7 +137,7 @@ class TrafficSimulator(threading.Thread):
         self.redis_url = redis_url
         self.posts_per_second = posts_per_second
         self.behaviours: dict[str, ModelBehaviour] = {}
-        self.fine_tune_behaviour = ModelBehaviour(engagement=0.095, cost_per_token=1.6e-6)
+        self.fine_tune_behaviour = ModelBehaviour(engagement=0.095, **FINE_TUNED_TOKENS)
         self.stopping = threading.Event()
 
     def behaviour(self, model: str) -> ModelBehaviour:
@@ -175,6 +184,32 @@ def rollout_summary(database_url: str) -> str:
                     f"  rollback: trigger to routing switched in {switch * 1000:.1f} ms (goal < 30 s)"
                 )
     return "\n".join(lines)
+
+
+def cost_summary(database_url: str) -> str:
+    """The latest A/B test's cost per post and per token (true prices) and its cost guardrail."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT id, last_analysis FROM ab_tests ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+    if row is None or not row[1] or "metrics" not in row[1]:
+        return "cost:              no A/B analysis recorded"
+    ab_test_id, body = row
+    arms = body["metrics"]
+    guard = next((r for r in body.get("reasons", []) if r["criterion"] == "guardrail:cost_per_post"), None)
+    verdict = (
+        f"guardrail {guard['status']} (at most +{guard['threshold'] / guard['baseline']:.0%})"
+        if guard
+        else "-"
+    )
+
+    def arm(name: str) -> str:
+        a = arms[name]
+        if a["cost_per_post"] is None:
+            return f"{name} -"
+        return f"{name} ${a['cost_per_post'] * 1000:.3f}/1k posts, ${a['cost_per_token'] * 1e6:.2f}/1M tokens"
+
+    return f"cost per post:     {arm('baseline')}; {arm('candidate')}; {verdict} ({ab_test_id})"
 
 
 def latest_run_dir(data_dir: Path) -> Path | None:
@@ -252,7 +287,11 @@ def summary(run_dir: Path | None, mlflow_uri: str) -> str:
             f"{ab_test['baseline_model']} vs {ab_test['candidate_model']} "
             f"at {ab_test['traffic_split']:.0%}; power: {ab_test['power_message']}"
         )
-    if evaluation:
+    if evaluation and evaluation["relative_lift"] is None:
+        lines.append(
+            f"A/B decision:      {evaluation['decision']} after {evaluation['looks']} looks (too few posts)"
+        )
+    elif evaluation:
         lines.append(
             f"A/B decision:      {evaluation['decision']} after {evaluation['looks']} looks: lift "
             f"{evaluation['relative_lift']:+.1%} (always-valid CI {evaluation['ci_lower']:+.1%} .. "
@@ -305,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n=== week 1: train a candidate, A/B test it, roll it out ===", flush=True)
             code = run_airflow_dag_test(env)
             print(summary(latest_run_dir(data_dir), stack.mlflow_uri), flush=True)
-            for _ in range(4):
+            print(cost_summary(database_url), flush=True)
+            for _ in range(6):
                 if not active_rollout(database_url):
                     break
                 time.sleep(4)
@@ -316,13 +356,16 @@ def main(argv: list[str] | None = None) -> int:
                 "\n=== week 2: a better candidate wins its A/B test, then degrades in production ===",
                 flush=True,
             )
-            simulator.fine_tune_behaviour = ModelBehaviour(engagement=0.13, cost_per_token=1.3e-6)
+            simulator.fine_tune_behaviour = ModelBehaviour(engagement=0.13, **FINE_TUNED_TOKENS)
             champion = current_baseline(stack.redis_url)
-            simulator.behaviours[champion] = ModelBehaviour(engagement=0.095, cost_per_token=1.6e-6)
+            simulator.behaviours[champion] = ModelBehaviour(engagement=0.095, **FINE_TUNED_TOKENS)
             code = code or run_airflow_dag_test(env, quiet=True)
             print(summary(latest_run_dir(data_dir), stack.mlflow_uri), flush=True)
+            print(cost_summary(database_url), flush=True)
             # After the deploy, the new model starts failing 25% of its requests.
-            simulator.fine_tune_behaviour = ModelBehaviour(engagement=0.13, error_rate=0.25)
+            simulator.fine_tune_behaviour = ModelBehaviour(
+                engagement=0.13, error_rate=0.25, **FINE_TUNED_TOKENS
+            )
             time.sleep(6)
             code = code or run_airflow_dag_test(env, "rollout_monitor", quiet=True)
             print(rollout_summary(database_url), flush=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fine_tuning import clock
 from fine_tuning.config import PipelineConfig
-from fine_tuning.evaluate import stats
+from fine_tuning.evaluate import analysis, stats
 from fine_tuning.evaluate.plots import log_evaluation_plot
 from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
@@ -71,12 +71,28 @@ class UnknownABTest(LookupError):
 # One query per test: every per-arm aggregate the analysis needs, computed by PostgreSQL.
 # FILTER keeps each metric to the rows where it is valid (NaN and out-of-range engagement,
 # posts not yet scored, missing cost or latency are left out of that metric only).
+# The covariate x of a post (for CUPED) is its persona's mean engagement in
+# [covariate_start, start), before the test, so the arm cannot have changed it; a persona
+# without posts then gets the mean of all of them. No posts before the test: x is NULL, no sums.
 AGGREGATE_QUERY = """
+    WITH pre AS (
+        SELECT persona_id, avg(engagement_rate) AS x, count(*) AS k
+        FROM posts
+        WHERE ts >= %(covariate_start)s AND ts < %(start)s AND engagement_rate BETWEEN 0 AND 1
+        GROUP BY persona_id
+    ), pre_all AS (
+        SELECT sum(x * k) / sum(k) AS x FROM pre
+    )
     SELECT CASE WHEN model_id = %(candidate)s THEN 'candidate' ELSE 'baseline' END AS arm,
            count(*) AS posts,
            count(*) FILTER (WHERE eng_ok) AS eng_n,
            coalesce(sum(engagement_rate) FILTER (WHERE eng_ok), 0) AS eng_sum,
            coalesce(sum(engagement_rate * engagement_rate) FILTER (WHERE eng_ok), 0) AS eng_sumsq,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY engagement_rate) FILTER (WHERE eng_ok) AS eng_p95,
+           count(x) FILTER (WHERE eng_ok) AS x_n,
+           coalesce(sum(x) FILTER (WHERE eng_ok), 0) AS x_sum,
+           coalesce(sum(x * x) FILTER (WHERE eng_ok), 0) AS x_sumsq,
+           coalesce(sum(x * engagement_rate) FILTER (WHERE eng_ok), 0) AS xy_sum,
            count(*) FILTER (WHERE cost_ok) AS cost_n,
            coalesce(sum(cost_usd) FILTER (WHERE cost_ok), 0) AS cost_sum,
            coalesce(sum(cost_usd * cost_usd) FILTER (WHERE cost_ok), 0) AS cost_sumsq,
@@ -92,11 +108,13 @@ AGGREGATE_QUERY = """
            coalesce(sum(quality_score * quality_score), 0) AS q_sumsq,
            count(*) FILTER (WHERE is_error) AS errors
     FROM (
-        SELECT model_id, engagement_rate, cost_usd, tokens_used, response_time_ms, quality_score, is_error,
-               engagement_rate BETWEEN 0 AND 1 AS eng_ok,
-               cost_usd IS NOT NULL AND tokens_used > 0 AS cost_ok
-        FROM posts
-        WHERE model_id IN (%(baseline)s, %(candidate)s) AND ts >= %(start)s AND ts < %(end)s
+        SELECT p.model_id, p.engagement_rate, p.cost_usd, p.tokens_used, p.response_time_ms,
+               p.quality_score, p.is_error,
+               p.engagement_rate BETWEEN 0 AND 1 AS eng_ok,
+               p.cost_usd IS NOT NULL AND p.tokens_used > 0 AS cost_ok,
+               coalesce(pre.x, (SELECT x FROM pre_all)) AS x
+        FROM posts AS p LEFT JOIN pre ON pre.persona_id = p.persona_id
+        WHERE p.model_id IN (%(baseline)s, %(candidate)s) AND p.ts >= %(start)s AND p.ts < %(end)s
     ) AS window_posts
     GROUP BY 1
 """
@@ -106,6 +124,11 @@ ARM_FIELDS = (
     "eng_n",
     "eng_sum",
     "eng_sumsq",
+    "eng_p95",
+    "x_n",
+    "x_sum",
+    "x_sumsq",
+    "xy_sum",
     "cost_n",
     "cost_sum",
     "cost_sumsq",
@@ -121,23 +144,37 @@ ARM_FIELDS = (
     "q_sumsq",
     "errors",
 )
+# Fields that are NULL rather than 0 when an arm has no value to take a percentile of.
+NULLABLE_FIELDS = ("eng_p95", "rt_p95")
 
 
 def arm_aggregates(
-    database_url: str, baseline: str, candidate: str, start: datetime, end: datetime
+    database_url: str,
+    baseline: str,
+    candidate: str,
+    start: datetime,
+    end: datetime,
+    covariate_start: datetime | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per-arm sums for posts made by either model in [start, end):
-    ``{"baseline": {...}, "candidate": {...}}``."""
-    empty = dict.fromkeys(ARM_FIELDS, 0.0)
+    ``{"baseline": {...}, "candidate": {...}}``; with ``covariate_start``, also the sums of each
+    post's pre-period covariate (its persona's mean engagement in [covariate_start, start))."""
+    empty: dict[str, Any] = dict.fromkeys(ARM_FIELDS, 0.0)
+    empty.update(dict.fromkeys(NULLABLE_FIELDS))
     result = {"baseline": dict(empty), "candidate": dict(empty)}
+    params = {
+        "baseline": baseline,
+        "candidate": candidate,
+        "start": start,
+        "end": end,
+        "covariate_start": covariate_start or start,
+    }
     with db.connect(database_url) as conn:
-        rows = conn.execute(
-            AGGREGATE_QUERY, {"baseline": baseline, "candidate": candidate, "start": start, "end": end}
-        ).fetchall()
+        rows = conn.execute(AGGREGATE_QUERY, params).fetchall()
     for row in rows:
-        # rt_p95 alone may be None (an arm without response times); the summaries read it so.
+        # The percentiles alone may be None (an arm without values); the summaries read them so.
         values = zip(ARM_FIELDS, row[1:], strict=True)
-        result[row[0]] = {name: (float(v) if v is not None else None) for name, v in values}  # type: ignore[misc]
+        result[row[0]] = {name: (float(v) if v is not None else None) for name, v in values}
     return result
 
 
@@ -148,6 +185,8 @@ def summaries(aggregates: dict[str, dict[str, float]]) -> dict[str, dict[str, An
         out[arm] = {
             "sample_size": int(a["posts"]),
             "engagement_rate": a["eng_sum"] / a["eng_n"] if a["eng_n"] else None,
+            "p95_engagement": a["eng_p95"],
+            "cost_per_post": a["cost_sum"] / a["cost_n"] if a["cost_n"] else None,
             "cost_per_token": a["cost_sum"] / a["tok_sum"] if a["tok_sum"] else None,
             "response_time_ms": a["rt_sum"] / a["rt_n"] if a["rt_n"] else None,
             "p95_response_time_ms": a["rt_p95"],
@@ -258,6 +297,9 @@ def create_ab_test(
         "method": evaluation.method,
         "srm_alpha": evaluation.srm_alpha,
         "guardrails": evaluation.guardrails.model_dump(),
+        "min_samples_per_arm": evaluation.min_samples_per_arm,
+        "variance_reduction": evaluation.variance_reduction,
+        "covariate_days": evaluation.covariate_days,
     }
     duration = timedelta(hours=evaluation.duration_hours)
     if migration:
@@ -338,119 +380,85 @@ def get_ab_test(config: PipelineConfig, ab_test_id: str) -> dict[str, Any]:
     return record
 
 
-def analyze_aggregates(
-    aggregates: dict[str, dict[str, float]],
-    traffic_split: float,
-    criteria: dict[str, Any],
-    previous_p_value: float = 1.0,
-    finished: bool = False,
-) -> stats.Analysis:
-    """Run the statistics on SQL aggregates with the test's recorded success criteria."""
-    b, c = aggregates["baseline"], aggregates["candidate"]
-    baseline = stats.ArmSummary.from_sums(int(b["eng_n"]), b["eng_sum"], b["eng_sumsq"])
-    candidate = stats.ArmSummary.from_sums(int(c["eng_n"]), c["eng_sum"], c["eng_sumsq"])
-    cost = None
-    if b["cost_n"] > 1 and c["cost_n"] > 1:
-        cost = tuple(
-            stats.RatioSums(
-                int(a["cost_n"]),
-                a["cost_sum"],
-                a["tok_sum"],
-                a["cost_sumsq"],
-                a["tok_sumsq"],
-                a["cost_tok_sum"],
-            )
-            for a in (b, c)
-        )
-    margins = criteria.get("guardrails", {})
-    guardrails: list[stats.Guardrail] = []
-    if b["rt_n"] > 1 and c["rt_n"] > 1:
-        guardrails.append(
-            stats.guardrail_mean(
-                "response_time_ms",
-                stats.ArmSummary.from_sums(int(b["rt_n"]), b["rt_sum"], b["rt_sumsq"]),
-                stats.ArmSummary.from_sums(int(c["rt_n"]), c["rt_sum"], c["rt_sumsq"]),
-                margins.get("response_time_relative_margin", 0.10),
-                higher_is_worse=True,
-            )
-        )
-    if b["q_n"] > 1 and c["q_n"] > 1:
-        guardrails.append(
-            stats.guardrail_mean(
-                "quality_score",
-                stats.ArmSummary.from_sums(int(b["q_n"]), b["q_sum"], b["q_sumsq"]),
-                stats.ArmSummary.from_sums(int(c["q_n"]), c["q_sum"], c["q_sumsq"]),
-                margins.get("quality_score_relative_margin", 0.05),
-                higher_is_worse=False,
-            )
-        )
-    if b["posts"] > 1 and c["posts"] > 1:
-        guardrails.append(
-            stats.guardrail_proportion(
-                "error_rate",
-                int(b["errors"]),
-                int(b["posts"]),
-                int(c["errors"]),
-                int(c["posts"]),
-                margins.get("error_rate_absolute_margin", 0.01),
-            )
-        )
-    analysis = stats.analyze(
-        baseline,
-        candidate,
-        traffic_split,
-        stats.Criteria(
-            min_engagement_lift=criteria["min_engagement_lift"],
-            min_cost_efficiency_gain=criteria["min_cost_efficiency_gain"],
-            alpha=criteria["significance_threshold"],
-            srm_alpha=criteria.get("srm_alpha", 0.001),
-        ),
+def test_aggregates(
+    config: PipelineConfig, test: dict[str, Any], until: datetime
+) -> dict[str, dict[str, Any]]:
+    """The test's per-arm aggregates up to ``until``, with the pre-period covariate when the
+    test's criteria turn variance reduction on."""
+    criteria = test["success_criteria"]
+    covariate_start = None
+    if criteria.get("variance_reduction", "auto") != "off":
+        covariate_start = test["started_at"] - timedelta(days=criteria.get("covariate_days", 28))
+    return arm_aggregates(
+        config.services.database_url.get_secret_value(),
+        test["baseline_model"],
+        test["candidate_model"],
+        test["started_at"],
+        until,
+        covariate_start,
+    )
+
+
+def analyze_test(
+    test: dict[str, Any], aggregates: dict[str, dict[str, Any]], until: datetime
+) -> analysis.Analysis:
+    """The one analysis (:func:`fine_tuning.evaluate.analysis.analyze_look`) of a recorded test."""
+    criteria = test["success_criteria"]
+    finished = until >= test["planned_end_at"]
+    result = analysis.analyze_look(
+        analysis.LookInputs.from_aggregates(aggregates, test["traffic_split"]),
+        analysis.Criteria.from_record(criteria),
         method=criteria.get("method", "sequential"),
-        cost=cost,  # type: ignore[arg-type]
-        guardrails=guardrails,
-        previous_p_value=previous_p_value,
+        state=analysis.LookState.from_record(test["min_sequential_p"], test["last_analysis"]),
         finished=finished,
     )
-    if criteria.get("rule") == "non_inferiority":
-        return non_inferiority_decision(analysis, float(criteria["non_inferiority_margin"]), finished)
-    return analysis
+    if criteria.get("rule") == "non_inferiority" and result.counted:
+        return non_inferiority_decision(result, float(criteria["non_inferiority_margin"]), finished)
+    return result
 
 
-def non_inferiority_decision(analysis: stats.Analysis, margin: float, finished: bool) -> stats.Analysis:
+def non_inferiority_decision(result: analysis.Analysis, margin: float, finished: bool) -> analysis.Analysis:
     """A forced migration's verdict: the replacement need not be better, only not worse.
 
     Promote when the (always-valid, for the sequential method) confidence interval of the
     relative engagement lift lies above ``-margin``, every guardrail passed its non-inferiority
-    test and the sample ratio is clean; reject when the interval lies below ``-margin``, a
-    guardrail is violated, the ratio is off, or the test ends without showing non-inferiority.
-    The cost criterion is reported but does not decide: the model it is compared with retires.
+    test, no required criterion is missing and the sample ratio is clean; reject when the
+    interval lies below ``-margin``, a guardrail is violated, the ratio is off, or the test ends
+    without showing non-inferiority. Cost is reported but does not decide: the model it is
+    compared with retires.
     """
-    guardrails_pass = all(g.status == "pass" for g in analysis.guardrails)
-    violated = any(g.status == "violated" for g in analysis.guardrails)
-    shown = analysis.ci_lower > -margin
-    worse = analysis.ci_upper < -margin
+    assert result.ci_lower is not None and result.ci_upper is not None
+    deciding = [g for g in result.guardrails if g.name != "cost_per_post"]
+    guardrails_pass = all(g.status == "pass" for g in deciding)
+    violated = any(g.status == "violated" for g in deciding)
+    shown = result.ci_lower > -margin
+    worse = result.ci_upper < -margin
+
+    def is_cost(reason: dict[str, Any]) -> bool:
+        return reason.get("criterion") in ("cost_efficiency_gain", "guardrail:cost_per_post", "cost")
+
     reasons = [
-        {**r, "ok": None, "note": "reported; does not decide a forced migration"}
-        if r.get("criterion") == "cost_efficiency_gain"
-        else r
-        for r in analysis.reasons
+        {**r, "ok": None, "note": "reported; does not decide a forced migration"} if is_cost(r) else r
+        for r in result.reasons
         if r.get("criterion") not in ("engagement_lift", "significance", "verdict")
     ]
+    missing = any(r.get("status") == "missing" and r["ok"] is False for r in reasons)
     reasons.insert(
         0,
         {
             "criterion": "engagement_non_inferiority",
-            "value": analysis.relative_lift,
-            "ci": [analysis.ci_lower, analysis.ci_upper],
+            "value": result.relative_lift,
+            "ci": [result.ci_lower, result.ci_upper],
             "threshold": -margin,
             "ok": shown,
             "note": f"lower bound of the lift must be above -{margin:.0%} (forced migration)",
         },
     )
-    if analysis.srm_ok and shown and guardrails_pass:
-        decision: stats.Decision = "promote"
+    decision: analysis.Decision
+    if result.srm_ok and shown and guardrails_pass and not missing:
+        decision = "promote"
         note = "not worse than the retiring model: promoted for the migration"
-    elif not analysis.srm_ok:
+    elif not result.srm_ok:
         decision, note = "reject", "SRM: the test is invalid and cannot promote"
     elif worse:
         decision, note = "reject", f"the replacement is worse by more than {margin:.0%}"
@@ -461,7 +469,7 @@ def non_inferiority_decision(analysis: stats.Analysis, margin: float, finished: 
     else:
         decision, note = "continue", "non-inferiority not shown yet"
     reasons.append({"criterion": "verdict", "note": note})
-    return replace(analysis, decision=decision, reasons=reasons)
+    return replace(result, decision=decision, reasons=reasons)
 
 
 def _emit_metrics(
@@ -497,38 +505,24 @@ def evaluate_ab_test(
             "analysis": test["last_analysis"],
             "final": True,
         }
-    aggregates = arm_aggregates(
-        config.services.database_url.get_secret_value(),
-        test["baseline_model"],
-        test["candidate_model"],
-        test["started_at"],
-        now,
-    )
-    finished = now >= test["planned_end_at"]
+    aggregates = test_aggregates(config, test, now)
     metrics = summaries(aggregates)
-    if aggregates["baseline"]["eng_n"] < 2 or aggregates["candidate"]["eng_n"] < 2:
-        decision, analysis = ("reject" if finished else "continue"), None
-        reasons = [{"criterion": "sample_size", "note": "fewer than 2 scored posts in an arm", "ok": False}]
-        body: dict[str, Any] = {"reasons": reasons, "decision": decision}
-        p_running = test["min_sequential_p"]
-    else:
-        analysis = analyze_aggregates(
-            aggregates, test["traffic_split"], test["success_criteria"], test["min_sequential_p"], finished
-        )
-        decision = analysis.decision
-        body = analysis.to_dict()
-        p_running = analysis.p_value if analysis.method == "sequential" else test["min_sequential_p"]
+    result = analyze_test(test, aggregates, now)
+    decision = result.decision
+    body = result.to_dict()
+    p_running = result.p_value if result.method == "sequential" else test["min_sequential_p"]
     body["metrics"] = metrics
     body["evaluated_at"] = now.isoformat()
     history = list((test["last_analysis"] or {}).get("history", []))
-    if analysis is not None:
+    if result.counted:
         history.append(
             {
                 "at": now.isoformat(),
-                "lift": analysis.relative_lift,
-                "ci_lower": analysis.ci_lower,
-                "ci_upper": analysis.ci_upper,
-                "p_value": analysis.p_value,
+                "lift": result.relative_lift,
+                "ci_lower": result.ci_lower,
+                "ci_upper": result.ci_upper,
+                "p_value": result.p_value,
+                "variance_reduction": result.variance_reduction.get("variance_reduction"),
             }
         )
     body["history"] = history

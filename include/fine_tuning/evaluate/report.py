@@ -46,18 +46,14 @@ def relative_change(
 def compute_metrics(config: PipelineConfig, test: dict[str, Any], until: datetime) -> dict[str, Any]:
     """Per-arm metrics, their comparison and a read-only analysis of the test's posts up to ``until``
     (uncached: one aggregate query and the statistics)."""
-    aggregates = ab.arm_aggregates(
-        config.services.database_url.get_secret_value(),
-        test["baseline_model"],
-        test["candidate_model"],
-        test["started_at"],
-        until,
-    )
+    aggregates = ab.test_aggregates(config, test, until)
     arms = ab.summaries(aggregates)
     b, c = arms["baseline"], arms["candidate"]
     comparison = {
         "engagement_lift": relative_change(c["engagement_rate"], b["engagement_rate"]),
-        "cost_efficiency_gain": relative_change(
+        # Cost per post is what the decision uses; cost per token is reported next to it.
+        "cost_efficiency_gain": relative_change(c["cost_per_post"], b["cost_per_post"], lower_is_better=True),
+        "cost_per_token_gain": relative_change(
             c["cost_per_token"], b["cost_per_token"], lower_is_better=True
         ),
         "quality_improvement": relative_change(c["quality_score"], b["quality_score"]),
@@ -65,32 +61,31 @@ def compute_metrics(config: PipelineConfig, test: dict[str, Any], until: datetim
             c["response_time_ms"], b["response_time_ms"], lower_is_better=True
         ),
     }
-    analysis: dict[str, Any]
     try:
-        if aggregates["baseline"]["eng_n"] < 2 or aggregates["candidate"]["eng_n"] < 2:
-            raise stats.AnalysisInputError("fewer than 2 scored posts in an arm")
-        result = ab.analyze_aggregates(
-            aggregates,
-            test["traffic_split"],
-            test["success_criteria"],
-            test["min_sequential_p"],
-            finished=until >= test["planned_end_at"],
-        )
+        result = ab.analyze_test(test, aggregates, until)
+    except stats.AnalysisInputError as exc:
+        # Aggregates SQL made cannot be analysed (a zero baseline mean): say so, decide nothing.
+        analysis: dict[str, Any] = {"is_significant": False, "decision": "continue", "note": str(exc)}
+    else:
         alpha = test["success_criteria"].get("significance_threshold", 0.05)
         analysis = {
-            "is_significant": result.p_value < alpha,
+            "is_significant": result.counted and result.p_value < alpha,
             "confidence_level": 1 - alpha,
             "method": result.method,
+            "statistic": result.statistic,
             "p_value": result.p_value,
             "relative_lift": result.relative_lift,
             "ci_lower": result.ci_lower,
             "ci_upper": result.ci_upper,
+            "effect_size": result.effect_size["label"] if result.effect_size else None,
+            "cohens_d": result.effect_size["cohens_d"] if result.effect_size else None,
+            "variance_reduction": result.variance_reduction,
+            "sample_size": result.sample_size,
             "srm_p_value": result.srm_p_value,
             "srm_ok": result.srm_ok,
             "decision": result.decision,
+            "reasons": result.reasons,
         }
-    except stats.AnalysisInputError as exc:
-        analysis = {"is_significant": False, "decision": "continue", "note": str(exc)}
     return {"metrics": arms, "performance_comparison": comparison, "statistical_analysis": analysis}
 
 

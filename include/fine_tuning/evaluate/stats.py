@@ -15,10 +15,8 @@ have no maintained library and are written here from their published formulas:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
-
-Decision = Literal["promote", "reject", "continue"]
+from dataclasses import dataclass
+from typing import Literal
 
 
 class AnalysisInputError(ValueError):
@@ -96,34 +94,6 @@ class Guardrail:
         )
 
 
-@dataclass
-class Criteria:
-    min_engagement_lift: float = 0.15
-    min_cost_efficiency_gain: float = 0.10
-    alpha: float = 0.05
-    srm_alpha: float = 0.001
-
-
-@dataclass
-class Analysis:
-    method: Literal["fixed", "sequential"]
-    relative_lift: float
-    ci_lower: float
-    ci_upper: float
-    p_value: float
-    welch_t: float
-    welch_p_value: float
-    srm_p_value: float
-    srm_ok: bool
-    cost_efficiency_gain: Estimate | None
-    guardrails: list[Guardrail]
-    decision: Decision
-    reasons: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def welch(baseline: ArmSummary, candidate: ArmSummary, alternative: str = "two-sided") -> tuple[float, float]:
     """Welch's t-test (unequal variances) from summaries: ``(t, p)``."""
     from scipy import stats
@@ -154,6 +124,114 @@ def relative_lift(baseline: ArmSummary, candidate: ArmSummary, alpha: float = 0.
     se = math.sqrt(variance)
     z = float(norm.ppf(1 - alpha / 2))
     return Estimate(lift, lift - z * se, lift + z * se, se)
+
+
+def welch_df(baseline: ArmSummary, candidate: ArmSummary) -> float:
+    """Welch-Satterthwaite degrees of freedom of the difference of two means."""
+    v_b, v_c = baseline.variance / baseline.n, candidate.variance / candidate.n
+    denominator = v_b**2 / (baseline.n - 1) + v_c**2 / (candidate.n - 1)
+    return (v_b + v_c) ** 2 / denominator if denominator > 0 else float(baseline.n + candidate.n - 2)
+
+
+@dataclass
+class LiftTest:
+    """One statistic for both answers: the relative lift, its delta-method standard error, and
+    the p-value and CI of that same ratio (t distribution, Welch degrees of freedom)."""
+
+    estimate: Estimate
+    p_value: float
+    df: float
+
+
+def relative_lift_test(baseline: ArmSummary, candidate: ArmSummary, alpha: float = 0.05) -> LiftTest:
+    """The fixed-horizon test of the relative lift, as GrowthBook's frequentist engine does it.
+
+    Welch's p on the absolute difference next to a delta-method CI of the ratio can contradict
+    each other (p < 0.05 with a CI holding 0); here p and CI come from ``lift / se(lift)``.
+    """
+    from scipy.stats import t as student_t
+
+    lift = relative_lift(baseline, candidate, alpha)
+    df = welch_df(baseline, candidate)
+    if lift.std_error == 0:
+        p = 1.0 if lift.value == 0 else 0.0
+        return LiftTest(Estimate(lift.value, lift.value, lift.value, 0.0), p, df)
+    p = float(2 * student_t.sf(abs(lift.value / lift.std_error), df))
+    half = float(student_t.ppf(1 - alpha / 2, df)) * lift.std_error
+    return LiftTest(Estimate(lift.value, lift.value - half, lift.value + half, lift.std_error), p, df)
+
+
+def cohens_d(baseline: ArmSummary, candidate: ArmSummary) -> tuple[float, str]:
+    """Standardised difference (pooled standard deviation) and Cohen's label for its size."""
+    pooled = ((baseline.n - 1) * baseline.variance + (candidate.n - 1) * candidate.variance) / (
+        baseline.n + candidate.n - 2
+    )
+    d = (candidate.mean - baseline.mean) / math.sqrt(pooled) if pooled > 0 else 0.0
+    size = abs(d)
+    label = "large" if size >= 0.8 else "medium" if size >= 0.5 else "small" if size >= 0.2 else "negligible"
+    return d, label
+
+
+@dataclass(frozen=True)
+class CovariateSums:
+    """One arm's sums of the metric y and a pre-period covariate x over the same posts."""
+
+    n: int
+    y_sum: float
+    y_sumsq: float
+    x_sum: float
+    x_sumsq: float
+    xy_sum: float
+
+    def moments(self) -> tuple[float, float, float, float, float]:
+        """Means of y and x, sample variances of y and x, and their covariance (ddof=1)."""
+        n = self.n
+        mean_y, mean_x = self.y_sum / n, self.x_sum / n
+        var_y = max(self.y_sumsq - n * mean_y**2, 0.0) / (n - 1)
+        var_x = max(self.x_sumsq - n * mean_x**2, 0.0) / (n - 1)
+        cov = (self.xy_sum - n * mean_x * mean_y) / (n - 1)
+        return mean_y, mean_x, var_y, var_x, cov
+
+
+@dataclass
+class Adjusted:
+    """Both arms after regression adjustment, and what it bought."""
+
+    baseline: ArmSummary
+    candidate: ArmSummary
+    theta: float
+    rho2: float
+
+
+def cuped(baseline: CovariateSums, candidate: CovariateSums) -> Adjusted | None:
+    """CUPED (Deng et al. 2013): ``y - theta (x - mean x)`` per arm, theta pooled within arms.
+
+    The covariate is measured before the test, so it cannot depend on the arm and the adjusted
+    difference stays unbiased; each arm's variance shrinks to ``var_y - 2 theta cov + theta^2
+    var_x`` (``var_y (1 - rho^2)`` at the pooled optimum). Written here: statsmodels has OLS but
+    not the per-arm aggregate form, and the aggregates come from SQL. ``None`` when the
+    covariate does not vary (nothing to adjust on).
+    """
+    if baseline.n < 3 or candidate.n < 3:
+        return None
+    (my_b, mx_b, vy_b, vx_b, c_b), (my_c, mx_c, vy_c, vx_c, c_c) = baseline.moments(), candidate.moments()
+    sxx = (baseline.n - 1) * vx_b + (candidate.n - 1) * vx_c
+    syy = (baseline.n - 1) * vy_b + (candidate.n - 1) * vy_c
+    sxy = (baseline.n - 1) * c_b + (candidate.n - 1) * c_c
+    if sxx <= 0 or syy <= 0:
+        return None
+    theta = sxy / sxx
+    mean_x = (baseline.x_sum + candidate.x_sum) / (baseline.n + candidate.n)
+
+    def arm(n: int, my: float, mx: float, vy: float, vx: float, cov: float) -> ArmSummary:
+        return ArmSummary(n, my - theta * (mx - mean_x), max(vy - 2 * theta * cov + theta**2 * vx, 0.0))
+
+    return Adjusted(
+        arm(baseline.n, my_b, mx_b, vy_b, vx_b, c_b),
+        arm(candidate.n, my_c, mx_c, vy_c, vx_c, c_c),
+        theta,
+        sxy**2 / (sxx * syy),
+    )
 
 
 def srm_p_value(n_baseline: int, n_candidate: int, candidate_share: float) -> float:
@@ -262,6 +340,10 @@ def guardrail_proportion(
         )
 
     rate_b, rate_c = errors_b / n_b, errors_c / n_c
+    # The sequential tests' standard error uses the pooled rate (one error and one success added):
+    # each arm's own rate makes it ~0 when an arm has no errors yet, and then one error in the
+    # other arm looked significant (an as-good candidate's ramp was rolled back one time in four).
+    pooled = (errors_b + errors_c + 1) / (n_b + n_c + 2)
     return Guardrail(
         name,
         rate_b,
@@ -270,7 +352,7 @@ def guardrail_proportion(
         p(absolute_margin, "smaller"),
         p(0.0, "larger"),
         worse_by=rate_c - rate_b,
-        std_error=math.sqrt(rate_c * (1 - rate_c) / n_c + rate_b * (1 - rate_b) / n_b),
+        std_error=math.sqrt(pooled * (1 - pooled) * (1 / n_c + 1 / n_b)),
     )
 
 
@@ -303,135 +385,6 @@ def apply_holm(guardrails: list[Guardrail], alpha: float) -> None:
         guardrail.p_non_inferior_holm = float(p_ni)
         guardrail.p_harm_holm = float(p_h)
         guardrail.status = "violated" if p_h < alpha else "pass" if p_ni < alpha else "inconclusive"
-
-
-def analyze(
-    baseline: ArmSummary,
-    candidate: ArmSummary,
-    candidate_share: float,
-    criteria: Criteria | None = None,
-    method: Literal["fixed", "sequential"] = "sequential",
-    cost: tuple[RatioSums, RatioSums] | None = None,
-    guardrails: list[Guardrail] | None = None,
-    previous_p_value: float = 1.0,
-    finished: bool = False,
-) -> Analysis:
-    """Analyse an engagement A/B test and decide promote / reject / continue, with reasons.
-
-    :param previous_p_value: the running minimum of the always-valid p-value at earlier looks.
-    :param finished: the planned duration has passed (no more data will come).
-    """
-    criteria = criteria or Criteria()
-    baseline.check("baseline")
-    candidate.check("candidate")
-    if not 0 < candidate_share < 1:
-        raise AnalysisInputError(f"traffic_split must be between 0 and 1, got {candidate_share!r}")
-    alpha = criteria.alpha
-    lift = relative_lift(baseline, candidate, alpha)
-    t, welch_p = welch(baseline, candidate)
-    if method == "sequential":
-        tau2 = criteria.min_engagement_lift**2  # mixture centred on effects of the size we care about
-        p_value = min(previous_p_value, msprt_p_value(lift.value, lift.std_error**2, tau2))
-        ci_lower, ci_upper = confidence_sequence(lift.value, lift.std_error**2, tau2, alpha)
-    else:
-        p_value, ci_lower, ci_upper = welch_p, lift.ci_lower, lift.ci_upper
-    srm_p = srm_p_value(baseline.n, candidate.n, candidate_share)
-    cost_gain = None
-    if cost is not None:
-        change = ratio_change(*cost, alpha=alpha)
-        # Lower cost per token is better: the gain is minus the relative change.
-        cost_gain = Estimate(-change.value, -change.ci_upper, -change.ci_lower, change.std_error)
-    guardrails = guardrails or []
-    if method == "sequential":
-        for guardrail in guardrails:
-            guardrail.make_sequential()
-    apply_holm(guardrails, alpha)
-
-    significant = p_value < alpha
-    reasons: list[dict[str, Any]] = [
-        {
-            "criterion": "srm",
-            "value": srm_p,
-            "threshold": criteria.srm_alpha,
-            "ok": srm_p >= criteria.srm_alpha,
-            "note": "sample ratio mismatch invalidates the test"
-            if srm_p < criteria.srm_alpha
-            else "arm sizes match the split",
-        },
-        {
-            "criterion": "significance",
-            "value": p_value,
-            "threshold": alpha,
-            "ok": significant,
-            "method": method,
-        },
-        {
-            "criterion": "engagement_lift",
-            "value": lift.value,
-            "threshold": criteria.min_engagement_lift,
-            "ok": lift.value >= criteria.min_engagement_lift,
-            "ci": [ci_lower, ci_upper],
-        },
-    ]
-    if cost_gain is not None:
-        reasons.append(
-            {
-                "criterion": "cost_efficiency_gain",
-                "value": cost_gain.value,
-                "threshold": criteria.min_cost_efficiency_gain,
-                "ok": cost_gain.value >= criteria.min_cost_efficiency_gain,
-                "ci": [cost_gain.ci_lower, cost_gain.ci_upper],
-            }
-        )
-    for g in guardrails:
-        reasons.append(
-            {
-                "criterion": f"guardrail:{g.name}",
-                "value": g.candidate,
-                "baseline": g.baseline,
-                "threshold": g.margin,
-                "ok": g.status == "pass",
-                "status": g.status,
-                "p_non_inferior_holm": g.p_non_inferior_holm,
-                "p_harm_holm": g.p_harm_holm,
-            }
-        )
-
-    srm_ok = srm_p >= criteria.srm_alpha
-    worse = significant and ci_upper < 0
-    violated = any(g.status == "violated" for g in guardrails)
-    promote = srm_ok and significant and all(r["ok"] for r in reasons)
-    if promote:
-        decision: Decision = "promote"
-    elif not srm_ok or worse or violated or finished:
-        decision = "reject"
-    else:
-        decision = "continue"
-    if not srm_ok:
-        reasons.append({"criterion": "verdict", "note": "SRM: the test is invalid and cannot promote"})
-    elif worse:
-        reasons.append({"criterion": "verdict", "note": "the candidate is significantly worse"})
-    elif violated:
-        reasons.append({"criterion": "verdict", "note": "a guardrail is significantly worse"})
-    elif decision == "reject":
-        reasons.append(
-            {"criterion": "verdict", "note": "the test ran its course without meeting the criteria"}
-        )
-    return Analysis(
-        method=method,
-        relative_lift=lift.value,
-        ci_lower=ci_lower,
-        ci_upper=ci_upper,
-        p_value=p_value,
-        welch_t=t,
-        welch_p_value=welch_p,
-        srm_p_value=srm_p,
-        srm_ok=srm_ok,
-        cost_efficiency_gain=cost_gain,
-        guardrails=guardrails,
-        decision=decision,
-        reasons=reasons,
-    )
 
 
 @dataclass

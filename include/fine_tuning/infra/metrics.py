@@ -429,7 +429,7 @@ class Metrics:
         self.emit(ROLLOUT_TRAFFIC_SHARE, share)
 
     def rollback(self, trigger: str) -> None:
-        """:param trigger: ``engagement_drop``, ``error_rate``, ``latency`` or ``manual``."""
+        """:param trigger: ``engagement_drop``, ``error_rate``, ``latency``, ``guardrail`` or ``manual``."""
         self.emit(ROLLBACKS, 1, trigger=trigger)
 
     def days_to_retirement(self, role: str, kind: str, model: str, days: float) -> None:

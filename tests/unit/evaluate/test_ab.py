@@ -18,7 +18,10 @@ from fine_tuning.config import PipelineConfig, load_config
 from fine_tuning.routing import Routing, choose_model, get_routing, set_routing
 from fine_tuning.dev.simulator import ModelBehaviour, simulate_traffic
 
-BASE, CAND = "gpt-3.5-turbo-0125", "ft:gpt-3.5-turbo-0125:org:weekly:abc"
+# gpt-4o-mini and its fine-tune, priced by the product's table: the fine-tune's tokens cost twice
+# as much, its 100-token prompt (no few-shot examples) makes a post cost about the same.
+BASE, CAND = "gpt-4o-mini-2024-07-18", "ft:gpt-4o-mini-2024-07-18:org:weekly:abc"
+FINE_TUNED = {"prompt_tokens": 100.0, "completion_tokens": 320.0}
 T0 = datetime(2026, 11, 22, 2, tzinfo=UTC)
 
 
@@ -37,7 +40,7 @@ def config(pg_url: str, redis_db: str) -> PipelineConfig:
         params={
             "evaluation": {"duration_hours": 24, "power_history_hours": 24},
             "deployment": {"rollout_config": {"initial_traffic": 0.1, "increment_percentage": 0.45,
-                                              "increment_interval_hours": 1}},
+                                              "increment_interval_hours": 1, "advance_on": "clock"}},
         },
     )
 
@@ -87,6 +90,39 @@ def test_aggregates_are_one_query_that_matches_the_rows(config: PipelineConfig, 
         assert aggregates[arm]["errors"] == sum(1 for r in rows if r[0] == model and r[2])
 
 
+def test_covariate_and_p95_sums_in_sql_match_the_rows(config: PipelineConfig, redis_client: redis.Redis) -> None:
+    """CUPED's covariate is each persona's mean engagement before the test (a persona without
+    earlier posts gets the mean of all of them); p95_engagement is percentile_cont's."""
+    url = config.services.database_url.get_secret_value()
+    simulate_traffic(url, redis_client, model_type="body", default_model=BASE, behaviours={},
+                     requests=600, start=T0 - timedelta(days=7), end=T0, seed=5)
+    with psycopg.connect(url) as conn:  # a persona with no posts before the test
+        conn.execute("DELETE FROM posts WHERE persona_id = 'persona_3' AND ts < %s", (T0,))
+    set_routing(redis_client, "body", Routing(BASE, CAND, 0.3, "t"))
+    simulate_traffic(url, redis_client, model_type="body", default_model=BASE, behaviours={},
+                     requests=1500, start=T0, end=T0 + timedelta(hours=1), seed=6)
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT model_id, persona_id, engagement_rate, ts FROM posts").fetchall()
+    pre: dict[str, list[float]] = {}
+    for _, persona, rate, ts in rows:
+        if ts < T0:
+            pre.setdefault(persona, []).append(rate)
+    everyone = np.mean([r for rates in pre.values() for r in rates])
+    covariate = {p: float(np.mean(v)) for p, v in pre.items()}
+    aggregates = ab.arm_aggregates(url, BASE, CAND, T0, T0 + timedelta(hours=1), T0 - timedelta(days=28))
+    for arm, model in (("baseline", BASE), ("candidate", CAND)):
+        test_rows = [(covariate.get(p, everyone), y) for m, p, y, ts in rows if m == model and ts >= T0]
+        x, y = np.array(test_rows).T
+        assert aggregates[arm]["x_n"] == len(x)
+        assert aggregates[arm]["x_sum"] == pytest.approx(x.sum())
+        assert aggregates[arm]["x_sumsq"] == pytest.approx((x * x).sum())
+        assert aggregates[arm]["xy_sum"] == pytest.approx((x * y).sum())
+        assert aggregates[arm]["eng_p95"] == pytest.approx(np.percentile(y, 95))
+    assert ab.summaries(aggregates)["candidate"]["p95_engagement"] == aggregates["candidate"]["eng_p95"]
+    without = ab.arm_aggregates(url, BASE, CAND, T0, T0 + timedelta(hours=1))
+    assert without["baseline"]["x_n"] == 0  # no pre-period asked for: no covariate
+
+
 def test_create_warns_when_underpowered_and_strict_refuses(
     config: PipelineConfig, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -125,7 +161,7 @@ def run_test(config: PipelineConfig, redis_client: redis.Redis, candidate: Model
 
 def test_a_clear_winner_is_promoted_early_and_deployed_gradually(config: PipelineConfig, redis_client: redis.Redis) -> None:
     history(config, redis_client)
-    winner = ModelBehaviour(engagement=0.095, cost_per_token=1.6e-6)
+    winner = ModelBehaviour(engagement=0.095, **FINE_TUNED)
     result = run_test(config, redis_client, winner)
     assert result["decision"] == "promote", result["analysis"]["reasons"]
     record = ab.get_ab_test(config, result["ab_test_id"])
@@ -156,11 +192,50 @@ def test_a_clear_winner_is_promoted_early_and_deployed_gradually(config: Pipelin
 
 def test_a_loser_is_rejected_and_taken_out_of_the_routing(config: PipelineConfig, redis_client: redis.Redis) -> None:
     history(config, redis_client)
-    result = run_test(config, redis_client, ModelBehaviour(engagement=0.045))
+    result = run_test(config, redis_client, ModelBehaviour(engagement=0.045, **FINE_TUNED))
     assert result["decision"] == "reject"
     assert get_routing(redis_client, "body").candidate_share == 0.0
     with pytest.raises(rollout.DeploymentRefused, match="not 'promote'"):
         rollout.deploy(config, redis_client, result["ab_test_id"], T0 + timedelta(days=1))
+
+
+def test_the_evidence_ramp_holds_advances_on_non_inferiority_and_rolls_back_on_a_guardrail(
+    config: PipelineConfig, redis_client: redis.Redis
+) -> None:
+    url = config.services.database_url.get_secret_value()
+    ramp = config.deployment.rollout_config
+    ramp.advance_on, ramp.min_dwell_hours = "evidence", 2
+    insert_promoted_test(url, "ab-ramp", BASE)
+    deployment = rollout.deploy(config, redis_client, "ab-ramp", T0)
+    same = ModelBehaviour(**FINE_TUNED)  # as engaging as the base model, cheaper per post
+
+    def traffic(behaviour: ModelBehaviour, requests: int, start: datetime, hours: float, seed: int) -> None:
+        simulate_traffic(url, redis_client, model_type="body", default_model=BASE,
+                         behaviours={BASE: ModelBehaviour(), CAND: behaviour}, requests=requests, start=start,
+                         end=start + timedelta(hours=hours), seed=seed)
+
+    traffic(same, 100, T0, 1, 1)
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=1))
+    assert [e["kind"] for e in state["events"]] == ["started"]  # the minimum dwell has not passed
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=2))
+    held = state["events"][-1]
+    assert held["kind"] == "held" and "not yet shown non-inferior" in held["detail"]["reason"]
+    assert state["current_traffic"] == 0.1
+
+    traffic(same, 12_000, T0 + timedelta(hours=2), 2, 2)
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=4))
+    assert state["current_traffic"] == 0.55 and state["events"][-1]["kind"] == "advanced"
+    evidence = state["events"][-1]["detail"]["evidence"]
+    assert evidence["verdict"] == "advance"
+    assert {g["name"] for g in evidence["guardrails"]} == {
+        "engagement_rate", "cost_per_post", "response_time_ms", "quality_score", "error_rate"}
+    assert all(g["status"] == "pass" for g in evidence["guardrails"])
+
+    traffic(ModelBehaviour(quality=0.6, **FINE_TUNED), 3000, T0 + timedelta(hours=4), 2, 3)
+    state = rollout.watch(config, redis_client, deployment["id"], T0 + timedelta(hours=6))
+    assert state["status"] == "rolled_back"
+    assert state["rollback_reason"].startswith("automatic: guardrail quality_score is significantly worse")
+    assert get_routing(redis_client, "body").candidate_share == 0.0
 
 
 def insert_promoted_test(url: str, ab_test_id: str, baseline: str) -> None:

@@ -13,7 +13,18 @@ from scipy import stats as sps
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import samplesize_proportions_2indep_onetail
 
-from fine_tuning.evaluate import stats
+from fine_tuning.evaluate import analysis, stats
+
+ALL_OPTIONAL = ["cost", "quality_score", "response_time_ms", "error_rate"]
+
+
+def analyze(baseline: stats.ArmSummary, candidate: stats.ArmSummary, split: float, **kwargs) -> analysis.Analysis:
+    """The one analysis on engagement summaries alone (the other criteria optional)."""
+    guardrails = kwargs.pop("guardrails", None)
+    return analysis.analyze_look(
+        analysis.LookInputs(analysis.ArmInputs(baseline), analysis.ArmInputs(candidate), split),
+        analysis.Criteria(optional=ALL_OPTIONAL), extra_guardrails=guardrails, **kwargs,
+    )
 
 
 def summary(values: np.ndarray) -> stats.ArmSummary:
@@ -58,9 +69,7 @@ def test_srm_detects_a_broken_split() -> None:
     p = stats.srm_p_value(4400, 620, 0.1)
     assert p == pytest.approx(sps.chisquare([4400, 620], [5020 * 0.9, 5020 * 0.1]).pvalue)
     assert p < 0.001
-    result = stats.analyze(
-        stats.ArmSummary(4400, 0.068, 0.0009), stats.ArmSummary(620, 0.09, 0.0009), 0.1
-    )
+    result = analyze(stats.ArmSummary(4400, 0.068, 0.0009), stats.ArmSummary(620, 0.09, 0.0009), 0.1)
     assert result.decision == "reject" and not result.srm_ok
 
 
@@ -161,19 +170,19 @@ def test_underpowered_plan_says_what_would_work() -> None:
 
 def test_decisions_with_reasons() -> None:
     baseline = stats.ArmSummary(4500, 0.068, 0.03**2)
-    winner = stats.analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1)
+    winner = analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1)
     assert winner.decision == "promote"
     assert {r["criterion"] for r in winner.reasons} >= {"srm", "significance", "engagement_lift"}
-    small = stats.analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1)
+    small = analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1)
     assert small.decision == "continue"
-    done = stats.analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1, finished=True)
+    done = analyze(baseline, stats.ArmSummary(500, 0.070, 0.03**2), 0.1, finished=True)
     assert done.decision == "reject"
-    loser = stats.analyze(baseline, stats.ArmSummary(500, 0.050, 0.03**2), 0.1)
+    loser = analyze(baseline, stats.ArmSummary(500, 0.050, 0.03**2), 0.1)
     assert loser.decision == "reject" and loser.ci_upper < 0
     slow = stats.guardrail_mean(
         "response_time_ms", stats.ArmSummary(4500, 1200, 200**2), stats.ArmSummary(500, 1500, 200**2), 0.1, True
     )
-    guarded = stats.analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1, guardrails=[slow])
+    guarded = analyze(baseline, stats.ArmSummary(500, 0.082, 0.03**2), 0.1, guardrails=[slow])
     assert guarded.decision == "reject" and slow.status == "violated"
 
 
@@ -191,11 +200,14 @@ def test_offline_cli_fixed_and_sequential() -> None:
         "traffic_split": 0.1,
     }
     fixed = json.loads(run_cli(payload, "--method", "fixed").stdout)
+    test = stats.relative_lift_test(stats.ArmSummary(4500, 0.068, 0.0009), stats.ArmSummary(500, 0.082, 0.0009))
     assert fixed["relative_lift"] == pytest.approx(0.082 / 0.068 - 1)
-    # Worked by hand (delta method for a ratio of independent means), not by stats.relative_lift:
-    # se^2 = 0.0009 / (500 * 0.068^2) + 0.082^2 * 0.0009 / (4500 * 0.068^4) = 0.021264^2, and
-    # 0.205882 -/+ 1.959964 * 0.021264 = (0.164205, 0.247560).
-    assert (fixed["ci_lower"], fixed["ci_upper"]) == pytest.approx((0.164205, 0.247560), abs=1e-6)
+    assert (fixed["ci_lower"], fixed["ci_upper"]) == pytest.approx((test.estimate.ci_lower, test.estimate.ci_upper))
+    assert fixed["p_value"] == pytest.approx(test.p_value)
+    # The half-width over the hand-worked delta-method standard error (se^2 = 0.0009 / (500 *
+    # 0.068^2) + 0.082^2 * 0.0009 / (4500 * 0.068^4) = 0.021264^2) is a t quantile with Welch's
+    # degrees of freedom (hundreds here): just above 1.96.
+    assert 1.959 < (fixed["ci_upper"] - fixed["ci_lower"]) / 2 / 0.021264 < 1.97
     sequential = json.loads(run_cli(payload).stdout)
     assert sequential["ci_lower"] < fixed["ci_lower"]  # always-valid intervals are wider
     for key in ("p_value", "srm_p_value", "decision", "reasons"):
@@ -218,26 +230,28 @@ def test_offline_cli_bad_input(payload: dict, field: str) -> None:
 
 
 def test_sequential_guardrails_do_not_false_alarm_under_peeking() -> None:
-    """Same quality in both arms, looked at 24 times through the production path (guardrail_mean
-    into analyze, sequential): the guardrail is violated, and the test rejected for it, in at most
-    5% of the A/A tests."""
+    """Same quality in both arms, looked at 24 times through the production path (the quality
+    guardrail inside analyze_look, sequential, state carried from look to look): the guardrail
+    is violated, and the test rejected for it, in at most 5% of the A/A tests."""
+    from fine_tuning.evaluate.analysis import ArmInputs, Criteria, LookInputs, LookState, analyze_look
+
     rng = np.random.default_rng(21)
     alarms = 0
     for _ in range(300):
         b_all, c_all = rng.normal(0.78, 0.08, 12_000), rng.normal(0.78, 0.08, 5_000)
         eb_all, ec_all = rng.beta(2, 28, 12_000), rng.beta(2, 28, 5_000)
-        previous = 1.0
+        state = LookState()
         for look in range(1, 25):
             nb, nc = 500 * look, 208 * look
-            quality = stats.guardrail_mean(
-                "quality_score", summary(b_all[:nb]), summary(c_all[:nc]), 0.05, higher_is_worse=False
+            inputs = LookInputs(
+                ArmInputs(engagement=summary(eb_all[:nb]), quality_score=summary(b_all[:nb])),
+                ArmInputs(engagement=summary(ec_all[:nc]), quality_score=summary(c_all[:nc])),
+                208 / 708,
             )
-            analysis = stats.analyze(
-                summary(eb_all[:nb]), summary(ec_all[:nc]), 208 / 708, method="sequential",
-                guardrails=[quality], previous_p_value=previous,
-            )
-            previous = analysis.p_value
-            assert analysis.guardrails == [quality]
+            analysis = analyze_look(inputs, Criteria(optional=["cost", "response_time_ms", "error_rate"]),
+                                    method="sequential", state=state)
+            state = analysis.state
+            quality = next(g for g in analysis.guardrails if g.name == "quality_score")
             if quality.status == "violated":
                 assert analysis.decision == "reject", analysis.reasons
                 alarms += 1
