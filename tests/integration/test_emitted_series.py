@@ -136,7 +136,9 @@ def test_every_series_a_rule_or_panel_reads_is_emitted_by_some_code_path(pg_url:
     assert {"fine_tuning_pipeline_cache_hit_rate", "fine_tuning_model_engagement_rate"} <= emitted
 
 
-def test_the_hourly_watch_sends_the_serving_models_metrics_as_the_champion(pg_url: str, statsd_server) -> None:
+def test_the_hourly_watch_sends_the_serving_models_metrics_as_the_champion(
+    pg_url: str, redis_db: str, statsd_server
+) -> None:
     from datetime import UTC, datetime, timedelta
 
     import redis
@@ -149,7 +151,7 @@ def test_the_hourly_watch_sends_the_serving_models_metrics_as_the_champion(pg_ur
 
     with db.connect(pg_url) as conn:
         db.migrate(conn)
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/13")
+    client = redis.Redis.from_url(redis_db)
     serving = "ft:gpt-3.5-turbo-0125:acme:weekly:serving1"
     set_routing(client, "body", Routing(serving, None, 0.0, "deploy-x:completed"))
     try:
@@ -157,7 +159,7 @@ def test_the_hourly_watch_sends_the_serving_models_metrics_as_the_champion(pg_ur
         simulate_traffic(pg_url, client, model_type="body", default_model=serving,
                          behaviours={serving: ModelBehaviour(engagement=0.05)}, requests=400,
                          start=now - timedelta(minutes=50), end=now, seed=5)
-        config = load_config(env={"DATABASE_URL": pg_url, "REDIS_URL": "redis://127.0.0.1:6379/13",
+        config = load_config(env={"DATABASE_URL": pg_url, "REDIS_URL": redis_db,
                                   "STATSD_PORT": str(statsd_server.port)})
         pipeline.watch_rollouts(config, RunContext(dag_id="rollout_monitor", run_id="hourly", window_end=now))
         statsd_server.wait_for("fine_tuning.model.champion.engagement_rate")

@@ -30,7 +30,6 @@ from fine_tuning.manifests import CollectManifest, RunContext
 from fine_tuning.routing import get_routing
 from fine_tuning.train.providers import TrainingRefusedError
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
 CHAMPION = "ft:gpt-4o-mini-2024-07-18:acme:weekly:champ001"
 FALLBACK = "gpt-3.5-turbo-0125"
 
@@ -53,16 +52,14 @@ def gateway() -> Iterator[object]:
 
 
 @pytest.fixture
-def redis_db() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.delete("fine_tuning:routing:body", "fine_tuning:routing:hook")
-    yield client
-    client.delete("fine_tuning:routing:body", "fine_tuning:routing:hook")
+def routing_redis(redis_db: str) -> redis.Redis:
+    """A Redis database of this test's own (the routing keys of both model types)."""
+    return redis.Redis.from_url(redis_db)
 
 
 @pytest.fixture
 def config(
-    pg_url: str, mlflow_uri: str, openai_env, gateway, redis_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, mlflow_uri: str, openai_env, gateway, redis_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> PipelineConfig:
     with db.connect(pg_url) as conn:
         db.migrate(conn)
@@ -71,7 +68,7 @@ def config(
     return load_config(
         env={
             "DATABASE_URL": pg_url,
-            "REDIS_URL": REDIS_URL,
+            "REDIS_URL": redis_db,
             "MLFLOW_TRACKING_URI": mlflow_uri,
             "MLFLOW_EXPERIMENT_NAME": name,
             "OPENAI_BASE_URL": openai_env.base_url,
@@ -196,7 +193,7 @@ def test_retire_openai_compatible_trains_once_at_its_own_base_url(config: Pipeli
 
 
 def test_retire_champion_two_weeks_out_is_replaced_before_the_date(
-    config: PipelineConfig, now, openai_env, gateway, redis_db: redis.Redis
+    config: PipelineConfig, now, openai_env, gateway, routing_redis: redis.Redis
 ) -> None:
     url = config.services.database_url.get_secret_value()
     config.training.fallback_provider = "openai_compatible"
@@ -208,7 +205,7 @@ def test_retire_champion_two_weeks_out_is_replaced_before_the_date(
     start = datetime(2027, 1, 1, tzinfo=UTC)  # 13 days before gpt-4o-mini's fine-tunes stop
     now[0] = start
     # A week of the champion's posts (the power calculation reads them).
-    simulate_traffic(url, redis_db, model_type="body", default_model=CHAMPION,
+    simulate_traffic(url, routing_redis, model_type="body", default_model=CHAMPION,
                      behaviours={CHAMPION: ModelBehaviour()}, requests=3000,
                      start=start - timedelta(days=7), end=start, seed=7)
 
@@ -243,7 +240,7 @@ def test_retire_champion_two_weeks_out_is_replaced_before_the_date(
     equal = {CHAMPION: ModelBehaviour(), replacement: ModelBehaviour()}
     decision = None
     for hour in range(1, 25):
-        simulate_traffic(url, redis_db, model_type="body", default_model=CHAMPION, behaviours=equal,
+        simulate_traffic(url, routing_redis, model_type="body", default_model=CHAMPION, behaviours=equal,
                          requests=3000, start=now[0], end=now[0] + timedelta(hours=1), seed=100 + hour)
         now[0] = now[0] + timedelta(hours=1)
         decision = pipeline.evaluate(config, ctx, test)
@@ -258,7 +255,7 @@ def test_retire_champion_two_weeks_out_is_replaced_before_the_date(
     ]
     assert interval < 200
     while deployment.status == "rolling_out":
-        simulate_traffic(url, redis_db, model_type="body", default_model=CHAMPION, behaviours=equal,
+        simulate_traffic(url, routing_redis, model_type="body", default_model=CHAMPION, behaviours=equal,
                          requests=600, start=now[0], end=now[0] + timedelta(hours=1), seed=int(now[0].timestamp()))
         now[0] = now[0] + timedelta(hours=interval)
         watched = pipeline.watch_rollouts(config, ctx).deployments
@@ -271,29 +268,29 @@ def test_retire_champion_two_weeks_out_is_replaced_before_the_date(
     assert finished <= datetime(2027, 1, 12, tzinfo=UTC)
     champion = mlflow.get_model_version_by_alias(config.mlflow.registered_model_name, "champion")
     assert champion.version == registered.model_version and champion.version != version
-    routing = get_routing(redis_db, "body")
+    routing = get_routing(routing_redis, "body")
     assert routing is not None and routing.baseline_model == replacement and routing.candidate_model is None
     # The new champion is the gateway's: not OpenAI's to retire, so next week is no migration.
     assert pipeline.plan_migration(config, pipeline.retirement_table(config), now[0]) is None
 
 
 def test_retire_past_the_date_without_replacement_routes_to_the_fallback(
-    config: PipelineConfig, now, redis_db: redis.Redis, statsd_server
+    config: PipelineConfig, now, routing_redis: redis.Redis, statsd_server
 ) -> None:
     config.monitoring.statsd_host = "127.0.0.1"
     config.monitoring.statsd_port = statsd_server.port
     register_champion(config, CHAMPION)
     now[0] = datetime(2027, 1, 10, tzinfo=UTC)
     retirement.write_routing(
-        config, redis_db, "body", pipeline.Routing(CHAMPION, None, 0.0, "deploy-old:completed"), now[0]
+        config, routing_redis, "body", pipeline.Routing(CHAMPION, None, 0.0, "deploy-old:completed"), now[0]
     )
-    assert get_routing(redis_db, "body").baseline_model == CHAMPION  # type: ignore[union-attr]
+    assert get_routing(routing_redis, "body").baseline_model == CHAMPION  # type: ignore[union-attr]
     now[0] = datetime(2027, 1, 15, tzinfo=UTC)
     # The agent's hook model (gpt-4o) retired too, and has no fallback: the body routing is
     # fixed all the same, and the task fails naming what is left.
     with pytest.raises(ConfigError, match=r"hook: 'gpt-4o' is past its inference retirement"):
         pipeline.watch_rollouts(config, context(now[0], "hourly"))
-    routing = get_routing(redis_db, "body")
+    routing = get_routing(routing_redis, "body")
     assert routing is not None and routing.baseline_model == FALLBACK
     assert CHAMPION not in (routing.baseline_model, routing.candidate_model, routing.fallback_model)
     statsd_server.wait_for("fine_tuning.routing.retired_model_replaced.body")

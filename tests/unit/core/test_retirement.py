@@ -85,11 +85,9 @@ def test_retire_model_providers_say_who_serves_an_id_that_does_not() -> None:
 
 
 @pytest.fixture
-def client() -> redis.Redis:
-    """A Redis database these tests alone use (the routing keys are per model type)."""
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/13")
-    yield client
-    client.delete("fine_tuning:routing:body")
+def client(redis_db: str) -> redis.Redis:
+    """A Redis database of this test's own (the routing keys are per model type)."""
+    return redis.Redis.from_url(redis_db)
 
 
 def test_retire_routing_written_past_the_date_names_the_fallback(client: redis.Redis) -> None:

@@ -15,14 +15,16 @@ CANDIDATE = "ft:gpt-3.5-turbo-0125:acme:weekly:outage1"
 
 
 def test_choose_model_serves_the_last_routing_read_while_redis_is_down(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, redis_db: str
 ) -> None:
-    direct = redis.Redis.from_url("redis://127.0.0.1:6379/14")
+    direct = redis.Redis.from_url(redis_db)
+    db_number = direct.connection_pool.connection_kwargs["db"]
+    host, port = direct.connection_pool.connection_kwargs["host"], direct.connection_pool.connection_kwargs["port"]
     model_type = "outage-body"
     set_routing(direct, model_type, Routing("gpt-3.5-turbo-0125", CANDIDATE, 0.5, "ab-outage"))
-    with FaultyProxy("127.0.0.1", 6379) as proxy:
+    with FaultyProxy(host, port) as proxy:
         # A client as an agent would make it: redis-py's defaults (it retries a failed call).
-        agent = redis.Redis(host="127.0.0.1", port=proxy.port, db=14, socket_timeout=1, socket_connect_timeout=1)
+        agent = redis.Redis(host="127.0.0.1", port=proxy.port, db=db_number, socket_timeout=1, socket_connect_timeout=1)
         before = [choose_model(agent, model_type, f"req-{i}", "champion-model") for i in range(100)]
         assert set(before) == {"gpt-3.5-turbo-0125", CANDIDATE}
         proxy.down()

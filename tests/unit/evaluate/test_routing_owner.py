@@ -15,23 +15,21 @@ from fine_tuning.infra import db
 from fine_tuning.manifests import RegistrationManifest
 from fine_tuning.routing import get_routing
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 BASE = "gpt-3.5-turbo-0125"
 T0 = datetime(2026, 11, 29, 2, tzinfo=UTC)
 
 
 @pytest.fixture
-def client() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL)
-    yield client
-    client.delete("fine_tuning:routing:body")
+def client(redis_db: str) -> redis.Redis:
+    """A Redis database of this test's own: the routing keys are per model type."""
+    return redis.Redis.from_url(redis_db)
 
 
 @pytest.fixture
-def config(pg_url: str) -> PipelineConfig:
+def config(pg_url: str, redis_db: str) -> PipelineConfig:
     with db.connect(pg_url) as conn:
         db.migrate(conn)
-    return load_config(env={"DATABASE_URL": pg_url, "REDIS_URL": REDIS_URL})
+    return load_config(env={"DATABASE_URL": pg_url, "REDIS_URL": redis_db})
 
 
 def test_a_second_ab_test_waits_for_the_first_and_for_a_rollout(config: PipelineConfig, client: redis.Redis) -> None:
@@ -76,7 +74,7 @@ def test_ab_create_defers_in_the_triggerer_while_the_routing_is_owned(
     owner = ab.create_ab_test(config, client, baseline_model=BASE, candidate_model="ft:a", now=T0,
                               dag_id="weekly_fine_tuning", run_id="w1")
     monkeypatch.setenv("DATABASE_URL", config.services.database_url.get_secret_value())
-    monkeypatch.setenv("REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("REDIS_URL", config.services.redis_url.get_secret_value())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     registered = RegistrationManifest(mlflow_run_id=None, experiment_id=None, model_name="content-agent",
                                       model_version=None, alias="challenger", fine_tuned_model="ft:b")
