@@ -72,6 +72,17 @@ def openai_env(emulator: object, monkeypatch: pytest.MonkeyPatch) -> object:
 
 
 @pytest.fixture(autouse=True)
+def no_pools_left_open() -> Iterator[None]:
+    """A test that switched on connection pooling (the API server does at its first request)
+    leaves no pool behind: each test's schema URL would otherwise keep its connections open
+    until PostgreSQL runs out of clients."""
+    yield
+    from fine_tuning.infra import db
+
+    db.stop_pooling()
+
+
+@pytest.fixture(autouse=True)
 def isolated_breakers(monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test gets its own circuit-breaker keys in Redis: one test's injected faults must not
     open the breaker that the next test calls through. The product's Redis is the tests' one."""

@@ -112,11 +112,32 @@ def use_pools(min_size: int = 2, max_size: int = 10) -> None:
     _POOL_SIZES = (min_size, max_size)
 
 
+# A process serves one or two databases; more URLs than this (a test run's schema per test)
+# close the least recently used pool instead of keeping its connections open for good.
+MAX_POOLS = 4
+
+
+def stop_pooling() -> None:
+    """Close every pool of this process and connect directly again (tests; a clean shutdown)."""
+    global _POOL_SIZES  # noqa: PLW0603 - the switch use_pools() sets
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+        _POOL_SIZES = None
+    for pool in pools:
+        pool.close()
+
+
 def _pool_for(database_url: str) -> Any:
     from psycopg_pool import ConnectionPool
 
+    evicted = []
     with _POOLS_LOCK:
-        pool = _POOLS.get(database_url)
+        pool = _POOLS.pop(database_url, None)
+        if pool is not None:
+            _POOLS[database_url] = pool  # most recently used last
+        while pool is None and len(_POOLS) >= MAX_POOLS:
+            evicted.append(_POOLS.pop(next(iter(_POOLS))))
         if pool is None:
             assert _POOL_SIZES is not None
             pool = ConnectionPool(
@@ -130,7 +151,9 @@ def _pool_for(database_url: str) -> Any:
                 open=True,
             )
             _POOLS[database_url] = pool
-        return pool
+    for old in evicted:
+        old.close()
+    return pool
 
 
 def pool_stats() -> dict[str, int] | None:
