@@ -56,7 +56,14 @@ CASES = {
 
 
 def _window() -> dict[str, Any]:
-    return {"baseline": BASELINE, "candidate": CANDIDATE, "start": TEST_START, "end": WINDOW_END}
+    # The CUPED covariate's pre-period: the evaluate step's default of 28 days before the test.
+    return {
+        "baseline": BASELINE,
+        "candidate": CANDIDATE,
+        "start": TEST_START,
+        "end": WINDOW_END,
+        "covariate_start": TEST_START - timedelta(days=28),
+    }
 
 
 def child_ours(url: str, repeats: int) -> None:
@@ -78,8 +85,12 @@ def child_naive(url: str) -> None:
     from fine_tuning.evaluate.ab import ARM_FIELDS
 
     started = time.perf_counter()
-    sums = {arm: dict.fromkeys(ARM_FIELDS, 0.0) for arm in ("baseline", "candidate")}
+    # The CUPED covariate's sums (x_*) are checked against the rows by the unit test
+    # test_covariate_and_p95_sums_in_sql_match_the_rows; here the naive pass leaves them out.
+    fields = [f for f in ARM_FIELDS if not f.startswith(("x_", "xy_"))]
+    sums = {arm: dict.fromkeys(fields, 0.0) for arm in ("baseline", "candidate")}
     response_times: dict[str, list[float]] = {"baseline": [], "candidate": []}
+    engagements: dict[str, list[float]] = {"baseline": [], "candidate": []}
     with db.connect(url) as conn, conn.cursor(name="naive_evaluation") as cursor:
         cursor.execute(
             "SELECT model_id, engagement_rate, cost_usd, tokens_used, response_time_ms, quality_score,"
@@ -95,6 +106,7 @@ def child_naive(url: str) -> None:
                 s["eng_n"] += 1
                 s["eng_sum"] += engagement
                 s["eng_sumsq"] += engagement * engagement
+                engagements[arm].append(engagement)
             if cost is not None and tokens_used is not None and tokens_used > 0:
                 s["cost_n"] += 1
                 s["cost_sum"] += cost
@@ -116,6 +128,8 @@ def child_naive(url: str) -> None:
     for arm, values in response_times.items():
         # percentile_cont interpolates linearly between the closest ranks, as numpy's default does.
         sums[arm]["rt_p95"] = float(np.percentile(values, 95)) if values else None
+    for arm, values in engagements.items():
+        sums[arm]["eng_p95"] = float(np.percentile(values, 95)) if values else None
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "aggregates": sums, "peak_rss_mb": _harness.peak_rss_mib()}))
 
@@ -249,7 +263,9 @@ def bench(
                 "seconds": round(statistics.median(ours["times"]), 4),
                 "seconds_first": round(ours["times"][0], 4),
                 "peak_rss_mb": round(ours["peak_rss_mb"], 1),
-                "queries_per_evaluation": ours["statements"].get("SELECT", 0) / repeats,
+                # The aggregate query starts with WITH (the CUPED pre-period CTE) or SELECT.
+                "queries_per_evaluation": (ours["statements"].get("SELECT", 0) + ours["statements"].get("WITH", 0))
+                / repeats,
                 "statements": ours["statements"],
                 "plan": plan,
                 "naive_seconds": round(naive["seconds"], 3),

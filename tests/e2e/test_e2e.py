@@ -32,7 +32,8 @@ def test_weekly_dag_end_to_end(airflow: dict[str, str], pg_url: str, openai_env,
     }
 
     emulator = openai_env.state()
-    assert len(emulator["files"]) == 1 and len(emulator["jobs"]) == 1
+    # The training file and the validation split, uploaded once each; one job.
+    assert len(emulator["files"]) == 2 and len(emulator["jobs"]) == 1
     job = emulator["jobs"][0]
     assert job["status"] == "succeeded"
 
