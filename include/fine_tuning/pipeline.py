@@ -546,8 +546,9 @@ def model_retirements(config: PipelineConfig, now: datetime | None = None) -> di
 
     Roles: ``base_model`` (what the next run trains, on ``training.provider``), ``champion``
     (MLflow's alias), ``baseline`` and ``candidate`` (the live routing of the evaluated model
-    type), ``rollback_target`` (an active rollout's previous model) and ``fallback`` (the
-    serving fallback). A role that could not be read says why (``error``) instead.
+    type), ``rollback_target`` (an active rollout's previous model), ``fallback`` (the serving
+    fallback), and the other model type's served model and fallback (``hook_model``,
+    ``hook_fallback`` when the body is evaluated). A role that could not be read says why (``error``) instead.
     """
     now = now or clock.now_utc()
     horizon = config.retirement.horizon_days
@@ -573,6 +574,16 @@ def model_retirements(config: PipelineConfig, now: datetime | None = None) -> di
     )
     read("rollback_target", lambda: rollout.rollback_target(config, model_type))
     models["fallback"] = retirement.serving_fallback(config, model_type)
+    # The agent's other model type is served too (its routing's baseline, else its configured model).
+    other = "hook" if model_type == "body" else "body"
+    other_configured = config.hook_model if other == "hook" else config.body_model
+
+    def other_served() -> str:
+        live_other = get_routing(redis_client(config), other)
+        return live_other.baseline_model if live_other else other_configured
+
+    read(f"{other}_model", other_served)
+    models[f"{other}_fallback"] = retirement.serving_fallback(config, other)
     base = table.lookup(config.training.trained_model(), config.training.provider)
     entries["base_model"] = base.as_dict(now, horizon)
     for role, model in models.items():

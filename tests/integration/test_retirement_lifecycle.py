@@ -214,6 +214,8 @@ def test_retire_champion_two_weeks_out_is_replaced_before_the_date(
     assert health.models["champion"]["model"] == CHAMPION
     assert health.models["champion"]["inference"] == "retiring"
     assert health.models["champion"]["days_to_inference_retirement"] == 13.0
+    # The agent's hook model (gpt-4o, configured) retires with it, and says so too.
+    assert health.models["hook_model"]["model"] == "gpt-4o" and health.models["hook_model"]["inference"] == "retiring"
 
     ctx = context(start, "migration")
     uploaded = pipeline.upload(config, ctx, collected_week(config, ctx))
