@@ -179,7 +179,7 @@ class PiiScrubber:
         if kind == "ip_address":
             try:
                 ipaddress.ip_address(candidate)
-            except ValueError:
+            except ValueError:  # not an address (e.g. a version number): not PII, nothing to log
                 return None
             return start + len(candidate)
         raise AssertionError(kind)

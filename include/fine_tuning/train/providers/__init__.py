@@ -15,6 +15,7 @@ files + fine-tuning jobs API) or ``selfhosted`` (LoRA with transformers + peft +
 from __future__ import annotations
 
 import asyncio
+import logging
 import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from fine_tuning.collect import tokens as token_math
 from fine_tuning.config import PipelineConfig
 from fine_tuning.manifests import JobResult
 from fine_tuning.retirement import ReportedDates
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
@@ -213,6 +216,24 @@ class TrainingProvider(ABC):
     def loss_curves(self, job_id: str) -> list[dict[str, float]]:
         """The finished job's losses by step: ``{"step", "train_loss"[, "valid_loss"]}`` in step
         order (what the loss gate judges and MLflow plots)."""
+
+
+def airflow_connection(conn_id: str) -> tuple[str | None, str | None]:
+    """``(password, host)`` of an Airflow connection, when Airflow and the connection exist (a
+    provider's key and endpoint; the library also runs without Airflow: CLI, pods)."""
+    try:
+        from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+    except ImportError:  # the library runs without Airflow (CLI, pods)
+        return None, None
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None, None
+    except Exception as exc:  # noqa: BLE001 - outside a task there is no supervisor to ask: use the environment
+        log.debug("connection %s not readable here (%s); using the environment", conn_id, exc)
+        return None, None
+    return conn.password or None, conn.host or None
 
 
 PROVIDERS: dict[str, str] = {

@@ -8,46 +8,26 @@ unchanged: only the client differs.
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fine_tuning.config import PipelineConfig
 from fine_tuning.retirement import ReportedDates
-from fine_tuning.train.providers import JobStatus
+from fine_tuning.train.providers import JobStatus, airflow_connection
 from fine_tuning.train.providers.openai import OpenAIProvider
 
 if TYPE_CHECKING:
     from openai import AsyncAzureOpenAI, AzureOpenAI
-
-log = logging.getLogger(__name__)
 
 
 class AzureConfigError(ValueError):
     """``training.azure`` lacks the endpoint or the key."""
 
 
-def _connection(conn_id: str) -> tuple[str | None, str | None]:
-    """``(api_key, endpoint)`` from the Airflow connection, when Airflow and the connection exist."""
-    try:
-        from airflow.sdk import BaseHook
-        from airflow.sdk.exceptions import AirflowNotFoundException
-    except ImportError:  # the library runs without Airflow (CLI, pods)
-        return None, None
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except AirflowNotFoundException:
-        return None, None
-    except Exception as exc:  # noqa: BLE001 - outside a task there is no supervisor to ask: use the environment
-        log.debug("connection %s not readable here (%s); using the environment", conn_id, exc)
-        return None, None
-    return conn.password or None, conn.host or None
-
-
 def azure_credentials(config: PipelineConfig) -> tuple[str, str]:
     """``(api_key, endpoint)``: the Airflow connection first, then AZURE_OPENAI_API_KEY/_ENDPOINT."""
     azure = config.training.azure
-    conn_key, conn_endpoint = _connection(azure.conn_id)
+    conn_key, conn_endpoint = airflow_connection(azure.conn_id)
     api_key = conn_key or (azure.api_key.get_secret_value() if azure.api_key else None)
     endpoint = conn_endpoint or azure.endpoint
     if not endpoint:

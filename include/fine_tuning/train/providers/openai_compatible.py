@@ -10,35 +10,15 @@ host's own training prices are in ``training.openai_compatible.price_per_million
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, ClassVar
 
-from fine_tuning.train.providers import TrainingRefusedError
+from fine_tuning.train.providers import TrainingRefusedError, airflow_connection
 from fine_tuning.train.providers.openai import OpenAIProvider
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
 
-log = logging.getLogger(__name__)
-
 CONN_ID = "openai_compatible_default"
-
-
-def _connection() -> tuple[str | None, str | None]:
-    """``(api_key, base_url)`` from the Airflow connection ``openai_compatible_default``, if any."""
-    try:
-        from airflow.sdk import BaseHook
-        from airflow.sdk.exceptions import AirflowNotFoundException
-    except ImportError:  # the library runs without Airflow (CLI, pods)
-        return None, None
-    try:
-        conn = BaseHook.get_connection(CONN_ID)
-    except AirflowNotFoundException:
-        return None, None
-    except Exception as exc:  # noqa: BLE001 - outside a task there is no supervisor to ask: use the config
-        log.debug("connection %s not readable here (%s); using the config", CONN_ID, exc)
-        return None, None
-    return conn.password or None, conn.host or None
 
 
 class OpenAICompatibleProvider(OpenAIProvider):
@@ -49,7 +29,7 @@ class OpenAICompatibleProvider(OpenAIProvider):
     def credentials(self) -> tuple[str, str]:
         """``(api_key, base_url)``: the Airflow connection first, then the config / environment."""
         settings = self.config.training.openai_compatible
-        conn_key, conn_url = _connection()
+        conn_key, conn_url = airflow_connection(CONN_ID)
         api_key = conn_key or (settings.api_key.get_secret_value() if settings.api_key else None)
         base_url = conn_url or settings.base_url
         if not base_url:
