@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv promtool demo test test-fast test-random mutation serve bench soak lint clean
+.PHONY: venv promtool browser demo test test-fast test-random mutation serve bench soak lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-selfhosted.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,13 +15,19 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-selfhosted.txt pypr
 	$(PY) -m pip check
 	touch $(STAMP)
 
-venv: $(STAMP) promtool
+venv: $(STAMP) promtool browser
 
 ## promtool (Debian's prometheus package) for the alert-rule tests; installed once, quietly.
 promtool:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 \
 	  || echo "promtool: could not install Debian's prometheus package; the promtool tests will fail under make test"; }
+
+## Debian's chromium and chromium-driver for the browser tests of the UI (selenium drives them).
+browser:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver) >/dev/null 2>&1 \
+	  || echo "browser: could not install Debian's chromium and chromium-driver; the browser tests will fail under make test"; }
 
 ## the main job: the weekly DAG end to end on local services
 demo: venv

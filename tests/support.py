@@ -162,3 +162,12 @@ def dags_test(env: dict[str, str], logical_date: datetime) -> tuple[str, dict[st
     run = next(r for r in runs if r["logical_date"].startswith(logical_date.strftime("%Y-%m-%dT%H:%M")))
     states = airflow_json(env, "tasks", "states-for-dag-run", DAG_ID, run["run_id"])
     return run["state"], {s["task_id"]: s["state"] for s in states}
+
+
+def token(username: str, role: str | None) -> dict[str, str]:
+    """An ``Authorization`` header with the simple auth manager's own JWT for this user and role."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    jwt = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=username, role=role))  # type: ignore[arg-type]
+    return {"Authorization": f"Bearer {jwt}"}

@@ -68,6 +68,25 @@ def get_deployment(config: PipelineConfig, deployment_id: str) -> dict[str, Any]
     return record
 
 
+def list_deployments(config: PipelineConfig, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest ``limit`` deployments with their events, newest first."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM deployments ORDER BY started_at DESC, id LIMIT %s", (limit,)
+            )
+        ]
+    return [get_deployment(config, deployment_id) for deployment_id in ids]
+
+
+def deployment_of_test(config: PipelineConfig, ab_test_id: str) -> str | None:
+    """The id of the deployment that rolled out this A/B test's candidate (None: none did)."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        row = conn.execute("SELECT id FROM deployments WHERE ab_test_id = %s", (ab_test_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def active_deployments(config: PipelineConfig) -> list[str]:
     with db.connect(config.services.database_url.get_secret_value()) as conn:
         return [
@@ -221,6 +240,10 @@ def _ramp_before(rollout: RolloutConfig, deadline: datetime, now: datetime) -> R
     return rollout.model_copy(update={"increment_interval_hours": interval, "advance_on": "clock"})
 
 
+def _shown(gate: str, value: Any) -> str:
+    return f"{value:.0f} ms" if gate == "p95_response_time" else f"{value:.1%}"
+
+
 def health(config: PipelineConfig, record: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The rollback triggers, judged on the posts since the last step (one SQL query)."""
     triggers = record["rollback_triggers"]
@@ -235,17 +258,35 @@ def health(config: PipelineConfig, record: dict[str, Any], now: datetime) -> dic
     candidate, baseline = metrics["candidate"], metrics["baseline"]
     fired: list[str] = []
     enough = candidate["sample_size"] >= triggers["min_posts"]
-    if enough:
-        if candidate["engagement_rate"] is not None and baseline["engagement_rate"]:
-            drop = 1 - candidate["engagement_rate"] / baseline["engagement_rate"]
-            if drop >= triggers["engagement_drop"]:
-                fired.append(f"engagement_rate_drop {drop:.1%} >= {triggers['engagement_drop']:.0%}")
-        if candidate["error_rate"] is not None and candidate["error_rate"] > triggers["error_rate"]:
-            fired.append(f"error_rate {candidate['error_rate']:.1%} > {triggers['error_rate']:.0%}")
-        p95 = candidate["p95_response_time_ms"]
-        if p95 is not None and p95 > triggers["p95_response_time_ms"]:
-            fired.append(f"p95_response_time {p95:.0f} ms > {triggers['p95_response_time_ms']:.0f} ms")
-    return {"enough_data": enough, "fired": fired, "metrics": metrics, "aggregates": aggregates}
+    # Each trigger's value, threshold and verdict ("no_data" below min_posts or without a value),
+    # recorded with the step so that a person can see why the rollout moved, held or rolled back.
+    drop = None
+    if candidate["engagement_rate"] is not None and baseline["engagement_rate"]:
+        drop = 1 - candidate["engagement_rate"] / baseline["engagement_rate"]
+    # name, value, threshold, and whether reaching the threshold fires it (>=) or only passing it (>)
+    checks = (
+        ("engagement_rate_drop", drop, triggers["engagement_drop"], True),
+        ("error_rate", candidate["error_rate"], triggers["error_rate"], False),
+        ("p95_response_time", candidate["p95_response_time_ms"], triggers["p95_response_time_ms"], False),
+    )
+    gates = []
+    for name, value, threshold, inclusive in checks:
+        if not enough or value is None:
+            verdict = "no_data"
+        else:
+            verdict = "fired" if (value >= threshold if inclusive else value > threshold) else "pass"
+        gates.append({"gate": name, "value": value, "threshold": threshold, "verdict": verdict})
+        if verdict == "fired":
+            fired.append(
+                f"{name} {_shown(name, value)} {'>=' if inclusive else '>'} {_shown(name, threshold)}"
+            )
+    return {
+        "enough_data": enough,
+        "fired": fired,
+        "gates": gates,
+        "metrics": metrics,
+        "aggregates": aggregates,
+    }
 
 
 def stage_evidence(
@@ -300,7 +341,12 @@ def watch(
                 time.perf_counter(),
             )
         if evidence.verdict == "hold":
-            detail = {"reason": "; ".join(evidence.reasons), "metrics": verdict["metrics"]}
+            detail = {
+                "reason": "; ".join(evidence.reasons),
+                "metrics": verdict["metrics"],
+                "gates": verdict["gates"],
+                "evidence": evidence.to_dict(),
+            }
             with db.connect(config.services.database_url.get_secret_value()) as conn:
                 _event(conn, deployment_id, "held", record["current_traffic"], detail, now)
             return get_deployment(config, deployment_id)
@@ -311,6 +357,7 @@ def watch(
             detail = {
                 "reason": "not due" if not due else "not enough candidate posts yet",
                 "metrics": verdict["metrics"],
+                "gates": verdict["gates"],
             }
             if due:
                 with db.connect(config.services.database_url.get_secret_value()) as conn:
@@ -330,7 +377,7 @@ def watch(
             deployment_id,
             "advanced",
             traffic,
-            {"metrics": verdict["metrics"], "evidence": verdict.get("evidence")},
+            {"metrics": verdict["metrics"], "gates": verdict["gates"], "evidence": verdict.get("evidence")},
             now,
         )
     write_routing(
@@ -405,6 +452,7 @@ def rollback(
     }
     if verdict:
         detail["metrics"] = verdict["metrics"]
+        detail["gates"] = verdict["gates"]
     with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
         conn.execute(
             "UPDATE deployments SET status = 'rolled_back', finished_at = %s, rollback_reason = %s,"

@@ -380,6 +380,25 @@ def get_ab_test(config: PipelineConfig, ab_test_id: str) -> dict[str, Any]:
     return record
 
 
+def list_ab_tests(config: PipelineConfig, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest ``limit`` A/B tests, newest first, as :func:`get_ab_test` records them."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        ids = [
+            r[0]
+            for r in conn.execute("SELECT id FROM ab_tests ORDER BY started_at DESC, id LIMIT %s", (limit,))
+        ]
+    return [get_ab_test(config, ab_test_id) for ab_test_id in ids]
+
+
+def ab_test_of_run(config: PipelineConfig, dag_id: str, run_id: str) -> str | None:
+    """The id of the A/B test a pipeline run created (None: it created none)."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        row = conn.execute(
+            "SELECT id FROM ab_tests WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def test_aggregates(
     config: PipelineConfig, test: dict[str, Any], until: datetime
 ) -> dict[str, dict[str, Any]]:

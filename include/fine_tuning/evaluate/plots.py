@@ -6,6 +6,7 @@ every look so far with its always-valid confidence sequence, and the minimum lif
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from typing import Any
@@ -66,6 +67,16 @@ def evaluation_figure(
     )
     figure.tight_layout()
     return figure
+
+
+def evaluation_png(
+    test: dict[str, Any], aggregates: dict[str, dict[str, float]], history: list[dict[str, Any]]
+) -> bytes:
+    """The figure as PNG bytes: what the Airflow UI's A/B test page shows."""
+    buffer = io.BytesIO()
+    # savefig's defaults, as MLflow's log_figure uses them: the same picture, byte for byte.
+    evaluation_figure(test, aggregates, history).savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def log_evaluation_plot(

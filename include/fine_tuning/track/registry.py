@@ -96,18 +96,32 @@ def get_or_create_run(
     """The MLflow run of this pipeline run, made on first use and found on every retry."""
     client = make_client(config)
     experiment_id = _experiment_id(client, experiment_name or config.mlflow.experiment_name)
+    found = _search_pipeline_run(client, experiment_id, dag_id, run_id)
+    if found is not None:
+        return found
     key = pipeline_run_key(dag_id, run_id)
-    escaped = key.replace("'", "\\'")
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{escaped}'", max_results=1
-    )
-    if found:
-        return found[0]
     return client.create_run(
         experiment_id,
         run_name=f"{dag_id}__{run_id}"[:250],
         tags={PIPELINE_RUN_TAG: key, "dag_id": dag_id, "airflow_run_id": run_id},
     )
+
+
+def _search_pipeline_run(client: MlflowClient, experiment_id: str, dag_id: str, run_id: str) -> Run | None:
+    escaped = pipeline_run_key(dag_id, run_id).replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{escaped}'", max_results=1
+    )
+    return found[0] if found else None
+
+
+def find_run(config: PipelineConfig, dag_id: str, run_id: str) -> Run | None:
+    """The MLflow run of this pipeline run, or None when there is none (nothing is created)."""
+    client = make_client(config)
+    experiment = client.get_experiment_by_name(config.mlflow.experiment_name)
+    if experiment is None:
+        return None
+    return _search_pipeline_run(client, experiment.experiment_id, dag_id, run_id)
 
 
 def _log_batch(client: MlflowClient, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:

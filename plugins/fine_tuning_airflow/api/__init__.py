@@ -13,8 +13,9 @@ HTTP meaning are mapped here, once.
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 
 from fine_tuning.deploy import rollout
 from fine_tuning.deploy.serving import AdapterLoadError
@@ -22,6 +23,8 @@ from fine_tuning.evaluate import ab
 from fine_tuning.infra.breakers import CircuitOpenError
 from fine_tuning_airflow.api.deps import URL_PREFIX
 from fine_tuning_airflow.api.routes import deployment, evaluation, monitoring, pipeline
+from fine_tuning_airflow.ui import UI_PREFIX, error_page
+from fine_tuning_airflow.ui import router as ui_router
 
 app = FastAPI(
     title="Fine-tuning pipeline API",
@@ -32,7 +35,7 @@ app = FastAPI(
         "`/health` and `/metrics` are public."
     ),
 )
-for router in (pipeline.router, evaluation.router, deployment.router, monitoring.router):
+for router in (pipeline.router, evaluation.router, deployment.router, monitoring.router, ui_router):
     app.include_router(router)
 
 # The library's errors, as the HTTP status a client can act on; the body is HTTPException's.
@@ -46,14 +49,30 @@ LIBRARY_ERRORS: dict[type[Exception], int] = {
 }
 
 
-async def library_error(request: Request, exc: Exception) -> JSONResponse:
+def _is_page(request: Request) -> bool:
+    """A request for one of the Experiments pages (HTML), not for the JSON API."""
+    return request.url.path.startswith(f"{URL_PREFIX}{UI_PREFIX}/")
+
+
+async def library_error(request: Request, exc: Exception) -> Response:
     """``{"detail": message}`` with the error's status; an open breaker says when to retry."""
     code = next(code for kind, code in LIBRARY_ERRORS.items() if isinstance(exc, kind))
+    if _is_page(request):
+        return error_page(request, code, str(exc))
     headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, CircuitOpenError) else None
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 
 for error in LIBRARY_ERRORS:
     app.add_exception_handler(error, library_error)
+
+
+@app.exception_handler(HTTPException)
+async def page_or_json_error(request: Request, exc: HTTPException) -> Response:
+    """The pages answer errors as pages (not logged in: Airflow's login); the API as FastAPI does."""
+    if _is_page(request):
+        return error_page(request, exc.status_code, str(exc.detail))
+    return await http_exception_handler(request, exc)
+
 
 fastapi_app = {"app": app, "url_prefix": URL_PREFIX, "name": "Fine-tuning pipeline API"}

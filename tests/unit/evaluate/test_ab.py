@@ -283,6 +283,9 @@ def test_each_trigger_rolls_back(
     assert routing.baseline_model == BASE and routing.candidate_share == 0.0
     assert routing.source == f"{deployment['id']}:rolled_back"
     detail = state["events"][-1]["detail"]
+    # Each trigger's verdict is recorded with the rollback: the one that fired, the others passed.
+    verdicts = {g["gate"]: g["verdict"] for g in detail["gates"]}
+    assert verdicts == {name: "fired" if name == fired else "pass" for name in rollout.ROLLBACK_TRIGGER_NAMES}
     # The switch is inside the measured trigger-to-switch time; from the last bad post to the
     # switch is the wait for the monitor's run plus that (the schedule, not Redis, dominates).
     assert 0 < detail["routing_switch_seconds"] <= detail["trigger_to_switch_seconds"]
