@@ -27,6 +27,9 @@ EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
 # 99 skipped (too little data, a rejected candidate): the task is marked skipped, not failed.
 EXIT_SKIPPED = 99
+# Where a skipped task leaves why (an XCom key): the run's status says it instead of showing the
+# later stages as still to come.
+SKIP_REASON_KEY = "skip_reason"
 # The exit codes that fail the task without spending its retries.
 FAIL_FAST_EXIT_CODES: dict[int, str] = {
     EXIT_BAD_INPUT: "bad input or configuration",

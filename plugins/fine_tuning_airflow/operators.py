@@ -75,6 +75,14 @@ def provider_breakers(config: PipelineConfig, provider: str | None = None) -> tu
     return (breaker,) if breaker else ()
 
 
+def record_skip(context: Context, reason: str) -> str:
+    """Leave the reason of this task's skip where the run's status reads it; returns it."""
+    from fine_tuning.step_graph import SKIP_REASON_KEY
+
+    context["ti"].xcom_push(key=SKIP_REASON_KEY, value=reason)
+    return reason
+
+
 class FineTuningStepOperator(CircuitBreakerOperator):
     """Run one library step (``collect``, ``upload``, ``train``, ``register``) in the worker.
 
@@ -110,9 +118,9 @@ class FineTuningStepOperator(CircuitBreakerOperator):
         except RoutingOwned as exc:
             self._wait_for_routing(exc)
         except InsufficientDataError as exc:
-            raise AirflowSkipException(f"not enough training data: {exc}") from exc
+            raise AirflowSkipException(record_skip(context, f"not enough training data: {exc}")) from exc
         except CandidateRejected as exc:
-            raise AirflowSkipException(str(exc)) from exc
+            raise AirflowSkipException(record_skip(context, str(exc))) from exc
         except Exception as exc:
             raise _fail_fast(exc) from exc
         return manifest.model_dump(mode="json")

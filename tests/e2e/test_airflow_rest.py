@@ -229,6 +229,8 @@ def test_rest_trigger_with_conf_runs_to_success(airflow: dict[str, Any], api: ht
     assert status.status_code == 200, status.text
     body = status.json()
     assert body["status"] == "completed" and body["progress"]["model_training"] == "completed"
+    # Deploy skipped because the A/B test rejected the candidate: said, with the step's own reason.
+    assert body["skipped"]["task"] == "deploy" and "reject" in body["skipped"]["reason"]
     assert body["metrics"]["training_examples"] > 0 and body["metrics"]["training_job_id"].startswith("ftjob-")
     assert body["metrics"]["fine_tuned_model"].startswith("ft:")
     assert httpx.get(f"{airflow['base']}/pipeline/fine-tuning/status/{run_id}").status_code == 401
@@ -332,6 +334,9 @@ def _assert_each_week_collected(
     for run in runs:
         tick = datetime.fromisoformat(run["logical_date"])
         assert _task_states(api, run["dag_run_id"])["collect"] == "skipped"  # too few posts: skipped, not failed
+        skipped = api.get(f"/pipeline/fine-tuning/status/{run['dag_run_id']}").json()
+        assert skipped["status"] == "skipped" and set(skipped["progress"].values()) == {"skipped"}
+        assert skipped["skipped"]["task"] == "collect" and "not enough training data" in skipped["skipped"]["reason"]
         manifest_path = next((airflow["data_dir"] / DAG_ID).glob(f"*{tick:%Y-%m-%d}*/collect.json"))
         manifest = json.loads(manifest_path.read_text())
         # The run's own week (its data interval), not the week before "now".

@@ -205,6 +205,32 @@ def test_status_reads_stages_and_metrics_from_task_states_and_xcoms(client: Any,
     assert body["metrics"]["data_window_end"] == "2026-11-22T02:00:00+00:00"
 
 
+def test_status_of_a_run_that_is_skipping_says_so_and_why(client: Any, admin: dict, services: dict) -> None:
+    """Collect skipped for too little data and Airflow has marked the chain up to ab_create, not
+    yet evaluate and deploy: the run is skipping, not evaluating."""
+    run_id = _start(client, admin)["pipeline_id"]
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import update
+
+    reason = "not enough training data: 12 examples, need 50"
+    with create_session() as session:
+        for task_id in ("collect", "upload", "train", "wait", "register", "ab_create"):
+            session.execute(
+                update(TaskInstance)
+                .where(TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id)
+                .values(state="skipped")
+            )
+        XComModel.set("skip_reason", reason, dag_id=DAG_ID, task_id="collect", run_id=run_id, session=session)
+
+    body = client.get(f"/pipeline/fine-tuning/status/{run_id}", headers=admin).json()
+    assert body["status"] == "skipping" and body["current_stage"] is None
+    assert set(body["progress"].values()) == {"skipped"}
+    assert body["skipped"] == {"task": "collect", "reason": reason}
+    assert body["tasks"]["evaluate"] in (None, "none", "scheduled")  # Airflow's own states are kept
+
+
 def test_status_and_abort_of_an_unknown_pipeline_are_404(client: Any, admin: dict, services: dict) -> None:
     assert client.get("/pipeline/fine-tuning/status/no-such-run", headers=admin).status_code == 404
     assert client.post("/pipeline/fine-tuning/abort/no-such-run", json={}, headers=admin).status_code == 404

@@ -7,7 +7,7 @@ pipeline is a run of the ``weekly_fine_tuning`` DAG; ``pipeline_id`` is its run 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fine_tuning.config import PipelineConfig
+from fine_tuning.step_graph import SKIP_REASON_KEY
 from fine_tuning_airflow.api.deps import PIPELINE_DAG_ID
 from fine_tuning_airflow.hooks import OpenAIFineTuningHook
 
@@ -62,6 +63,8 @@ class RunDetails:
     run: PipelineRun
     tasks: dict[str, str | None]
     xcoms: dict[str, dict[str, Any]]
+    # Why a skipped step skipped, by task id (the step's ``skip_reason`` XCom).
+    skip_reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,31 @@ def _xcoms(session: Session, run_id: str) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in values.items() if isinstance(v, dict)}
 
 
+def _skip_reasons(session: Session, run_id: str) -> dict[str, str]:
+    rows = session.scalars(
+        select(XComModel).where(
+            XComModel.dag_id == PIPELINE_DAG_ID, XComModel.run_id == run_id, XComModel.key == SKIP_REASON_KEY
+        )
+    ).all()
+    reasons = {}
+    for row in rows:
+        try:
+            reasons[row.task_id] = str(XComModel.deserialize_value(row))
+        except Exception:  # noqa: BLE001  # an unreadable reason leaves the skip without its why
+            continue
+    return reasons
+
+
 def read_run(run_id: str) -> RunDetails:
     """The run, its task states and its step manifests; 404 when there is no such run."""
     with create_session() as session:
         dag_run = _find_run(session, run_id)
-        return RunDetails(_snapshot(dag_run), _task_states(session, run_id), _xcoms(session, run_id))
+        return RunDetails(
+            _snapshot(dag_run),
+            _task_states(session, run_id),
+            _xcoms(session, run_id),
+            _skip_reasons(session, run_id),
+        )
 
 
 def count_active_runs() -> int:

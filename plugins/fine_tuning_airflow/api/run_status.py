@@ -40,9 +40,38 @@ def stage_state(states: list[str | None]) -> str:
     return "pending"
 
 
+# The DAG is one chain in this order, every task with the all_success trigger rule.
+TASK_ORDER = tuple(task for task_ids in STAGES.values() for task in task_ids)
+
+
+def first_skipped(tasks: dict[str, str | None]) -> str | None:
+    """The step the run skipped at (too little data, a rejected candidate), or None."""
+    return next((t for t in TASK_ORDER if tasks.get(t) == "skipped"), None)
+
+
+def effective_states(tasks: dict[str, str | None]) -> dict[str, str | None]:
+    """The task states with every step after a skip shown skipped: in a chain of all_success
+    tasks they will be, and Airflow marks them only as it gets to each one (a read in between
+    must not show them as still to come)."""
+    skipped = first_skipped(tasks)
+    if skipped is None:
+        return dict(tasks)
+    after = TASK_ORDER[TASK_ORDER.index(skipped) + 1 :]
+    return {**tasks, **{t: "skipped" for t in after if tasks.get(t) in (None, "none", "scheduled", "queued")}}
+
+
 def stage_progress(tasks: dict[str, str | None]) -> dict[str, str]:
     """Every stage's progress, in pipeline order."""
-    return {stage: stage_state([tasks.get(t) for t in task_ids]) for stage, task_ids in STAGES.items()}
+    states = effective_states(tasks)
+    return {stage: stage_state([states.get(t) for t in task_ids]) for stage, task_ids in STAGES.items()}
+
+
+def skip_summary(tasks: dict[str, str | None], reasons: dict[str, str]) -> dict[str, str] | None:
+    """Where and why the run skipped; a step in a pod leaves its reason in the pod's log."""
+    skipped = first_skipped(tasks)
+    if skipped is None:
+        return None
+    return {"task": skipped, "reason": reasons.get(skipped, "the step exited as skipped; its log says why")}
 
 
 def current_stage(progress: dict[str, str], run_state: str) -> str | None:
@@ -53,9 +82,15 @@ def current_stage(progress: dict[str, str], run_state: str) -> str | None:
     return current
 
 
-def overall_status(run_state: str, current: str | None, note: str | None) -> str:
-    """The design's one-word status: what an active run does, ``aborted``, ``completed``, or the
-    run's state."""
+def overall_status(
+    run_state: str, current: str | None, note: str | None, skipped_at: str | None = None
+) -> str:
+    """The design's one-word status: what an active run does, ``skipping``/``skipped`` once a step
+    before the A/B decision skipped (too little data: this run decides nothing), ``aborted``,
+    ``completed`` (also when deploy skipped: the candidate was rejected, the run did its work), or
+    the run's state."""
+    if skipped_at not in (None, "deploy") and run_state in (*ACTIVE_STATES, "success"):
+        return "skipping" if run_state in ACTIVE_STATES else "skipped"
     if run_state in ACTIVE_STATES:
         return STAGE_ACTIVITY.get(current or "", run_state)
     if run_state == "failed" and note and note.startswith(ABORT_NOTE):

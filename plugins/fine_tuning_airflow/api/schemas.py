@@ -56,6 +56,8 @@ class StatusResponse(BaseModel):
     state: str
     progress: dict[str, str]
     current_stage: str | None
+    # Set once a step skipped (too little data, a rejected candidate): which one and why.
+    skipped: dict[str, str] | None = None
     tasks: dict[str, str | None]
     start_date: datetime | None
     end_date: datetime | None

@@ -83,13 +83,15 @@ def pipeline_status(_: deps.CanReadRuns, pipeline_id: Annotated[str, deps.identi
     run = details.run
     progress = run_status.stage_progress(details.tasks)
     current = run_status.current_stage(progress, run.state)
+    skipped = run_status.skip_summary(details.tasks, details.skip_reasons)
     return StatusResponse(
         pipeline_id=pipeline_id,
         dag_id=PIPELINE_DAG_ID,
-        status=run_status.overall_status(run.state, current, run.note),
+        status=run_status.overall_status(run.state, current, run.note, skipped["task"] if skipped else None),
         state=run.state,
         progress=progress,
         current_stage=current,
+        skipped=skipped,
         tasks=details.tasks,
         start_date=run.start_date,
         end_date=run.end_date,
