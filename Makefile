@@ -33,9 +33,10 @@ browser:
 demo: venv
 	$(PY) -m fine_tuning.dev.demo
 
-## Airflow UI/REST on 127.0.0.1:8080 with the local services, until Ctrl-C
+## Airflow UI/REST on 127.0.0.1:8080 with the local services, until Ctrl-C; DEMO_DATA=1 seeds
+## the demo's posts and simulates the content agent, so a triggered run has data to work on
 serve: venv
-	$(PY) -m fine_tuning.dev.serve
+	$(PY) -m fine_tuning.dev.serve $(if $(DEMO_DATA),--demo-data)
 
 ## lint (ruff, format check, mypy), then the whole test suite; CI's command (.ci/run).
 ## FINE_TUNING_TESTS_STRICT=1: every extra and tool is installed here, so a skip is a failure.

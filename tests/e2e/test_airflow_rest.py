@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,9 +27,9 @@ import pytest
 
 from fine_tuning.infra import db
 from fine_tuning.dev.demo import DAG_ID, airflow_env
-from fine_tuning.dev.devstack import Stack, free_port, wait_http
+from fine_tuning.dev.devstack import Stack
 from fine_tuning.dev.seed import seed_posts
-from support import REPO, StatsdListener, lease_redis_db
+from support import REPO, StatsdListener, airflow_standalone, lease_redis_db
 
 pytestmark = pytest.mark.slow
 
@@ -84,21 +83,6 @@ def services(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str, emulator
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-def _stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the process group (standalone and every component it spawned), then SIGKILL."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers (task runners) of the same group
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @pytest.fixture(scope="module")
 def statsd() -> Iterator[StatsdListener]:
     """A StatsD server on loopback for Airflow's own metrics (scheduler: dagrun.*) and ours."""
@@ -121,15 +105,11 @@ def airflow(
         database_url=services["posts_url"], redis_url=services["redis_url"], mlflow_uri=services["mlflow_uri"],
         openai_base_url=emulator.base_url, emulator_admin_url=emulator.admin_url, workdir=home,
     )
-    port = free_port()
     env = airflow_env(stack, services["posts_url"], home / "airflow", home / "data")
     env.update(
         {
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _database_url(meta_db).replace("postgresql://", "postgresql+psycopg2://"),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
@@ -143,28 +123,10 @@ def airflow(
         }
     )
     env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
-    log_path = home / "standalone.log"
-    started = time.monotonic()
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), "standalone"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{base}/api/v2/monitor/health", timeout=120, process=process)
-        passwords = home / "airflow" / "simple_auth_manager_passwords.json.generated"
-        deadline = time.monotonic() + 30
-        while not passwords.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        users = json.loads(passwords.read_text())
-        yield {"base": base, "env": env, "users": users, "process": process, "log": log_path,
-               "startup_seconds": time.monotonic() - started, "data_dir": home / "data"}
-    except BaseException:
-        print(log_path.read_text()[-6000:])
-        raise
+        with airflow_standalone(env, home) as running:
+            yield {**running, "data_dir": home / "data"}
     finally:
-        _stop_group(process)
         with psycopg.connect(PG_BASE_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{meta_db}" WITH (FORCE)')
 

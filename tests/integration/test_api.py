@@ -11,14 +11,10 @@ serialized; tokens are the auth manager's own JWTs. The real-server path (``POST
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,7 +22,6 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from fine_tuning.infra import db
 from support import token
 
 DAG_ID = "weekly_fine_tuning"
