@@ -6,7 +6,7 @@ from __future__ import annotations
 from airflow.plugins_manager import AirflowPlugin
 
 from fine_tuning_airflow.api import fastapi_app
-from fine_tuning_airflow.ui import EXTERNAL_VIEWS
+from fine_tuning_airflow.api.ui import EXTERNAL_VIEWS
 
 
 class FineTuningPipelinePlugin(AirflowPlugin):

@@ -176,9 +176,10 @@ def test_follow_a_candidate_from_its_ab_test_to_a_rollback_in_the_airflow_ui(
     browser.find_element(By.NAME, "password").send_keys(world["users"]["admin"])
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     _wait(browser, lambda d: "/auth/login" not in d.current_url)
-    browser.get(f"{base}/plugin/experiments")
     # The entry is in Airflow's navigation, and its page is the plugin's, inside Airflow's iframe.
-    _wait(browser, ec.presence_of_element_located((By.XPATH, "//nav//*[contains(., 'Experiments')]")))
+    browser.get(f"{base}/dags")
+    _wait(browser, ec.element_to_be_clickable((By.CSS_SELECTOR, "a[href='/plugin/experiments']"))).click()
+    _wait(browser, lambda d: "/plugin/experiments" in d.current_url)
     timings["experiments"] = _in_plugin_frame(browser, "ab-tests")
     row = browser.find_element(By.CSS_SELECTOR, f"tr[data-ab-test='{result.ab_test_id}']")
     assert "promote" in row.text

@@ -23,8 +23,8 @@ from fine_tuning.evaluate import ab
 from fine_tuning.infra.breakers import CircuitOpenError
 from fine_tuning_airflow.api.deps import URL_PREFIX
 from fine_tuning_airflow.api.routes import deployment, evaluation, monitoring, pipeline
-from fine_tuning_airflow.ui import UI_PREFIX, error_page
-from fine_tuning_airflow.ui import router as ui_router
+from fine_tuning_airflow.api.ui import UI_PREFIX, error_page
+from fine_tuning_airflow.api.ui import router as ui_router
 
 app = FastAPI(
     title="Fine-tuning pipeline API",

@@ -68,7 +68,8 @@ def _num(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if value and abs(value) < 1e-3:
             return f"{value:.{digits}g}"
-        return f"{value:,.{digits}f}".rstrip("0").rstrip(".")
+        shown = f"{value:,.{digits}f}"
+        return shown.rstrip("0").rstrip(".") if "." in shown else shown
     return str(value)
 
 
