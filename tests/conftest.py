@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from support import REPO, TEST_REDIS_URL, StatsdListener, lease_redis_db
+from support import PG_BASE_URL, REPO, TEST_REDIS_URL, StatsdListener, lease_redis_db
 
 
 # Airflow reads these when first imported: a throwaway home, the repo's DAGs and plugins.
@@ -28,8 +28,6 @@ os.environ.setdefault("FINE_TUNING_MODE", "local")
 # retirement tests build their configs without the environment, on the shipped table.
 os.environ["FINE_TUNING_RETIREMENT_TABLE"] = str(REPO / "include" / "fine_tuning" / "dev" / "emulated-retirements.json")
 
-
-PG_BASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture

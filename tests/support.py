@@ -26,6 +26,7 @@ MAPPINGS: list[dict] = yaml.safe_load((MONITORING / "statsd-mapping.yaml").read_
 
 LAST_WEEK_END = datetime(2026, 11, 22, 2, tzinfo=UTC)  # a Sunday 02:00 tick of the schedule
 
+PG_BASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 # The tests' Redis, named in this one place. Pointed at a dead port (TEST_REDIS_URL=redis://127.0.0.1:1/0)
 # every test that claims shared (Redis) state must fail: the breakers and the cache fall back to
 # per-process state when Redis is down, so a test that does not check it was shared proves nothing.

@@ -13,7 +13,7 @@ import pytest
 
 from fine_tuning.dev.devstack import airflow_metadata_url
 
-from conftest import PG_BASE_URL
+from support import PG_BASE_URL
 
 
 def test_airflow_migrates_its_metadata_into_a_database_of_its_own(tmp_path: Path) -> None:
