@@ -2,7 +2,7 @@
 test with hourly looks on simulated traffic (the SQL aggregates, the sequential analysis, the
 plot logged to MLflow), the rollout of a promoted candidate, and its hourly health checks.
 
-For the Experiments view's tests and for a newcomer's ``make serve --demo-data``: the pages then
+For the Experiments view's tests (the TestClient pages and the real browser): the pages then
 show a test and a rollout that the pipeline's own functions made, hours of simulated time in
 seconds of wall time. Nothing is written that the pipeline would not write itself.
 """
