@@ -218,10 +218,18 @@ def test_scheduler_and_health_metrics_reach_statsd(
     assert f"airflow.ti.finish.{DAG_ID}.collect.success" in names
     assert statsd.total("fine_tuning.step.runs.register.success") >= 1
 
-    assert httpx.get(f"{airflow['base']}/pipeline/health", timeout=30).status_code == 200
-    statsd.wait_for("fine_tuning.redis.connections.idle")
-    assert statsd.last("fine_tuning.db.connections.active") >= 0
-    assert statsd.last("fine_tuning.redis.connections.idle") >= 0
+    seen = len(statsd.values("fine_tuning.redis.connections.idle"))
+    health = httpx.get(f"{airflow['base']}/pipeline/health", timeout=30)
+    assert health.status_code == 200
+    deadline = time.monotonic() + 5
+    while len(statsd.values("fine_tuning.redis.connections.idle")) == seen and time.monotonic() < deadline:
+        time.sleep(0.02)  # this call's gauges, not an earlier call's
+    # The gauges are the pools this health call reported (the same numbers, one source); the
+    # API server pools its connections, and the Redis ping left one idle in the pool.
+    pools = health.json()["connection_pools"]
+    assert pools["db_connections_active"] is not None and pools["redis_connections_idle"] >= 1
+    for name in ("db_connections_active", "db_connections_idle", "redis_connections_active", "redis_connections_idle"):
+        assert statsd.last(f"fine_tuning.{name.replace('_connections_', '.connections.')}") == pools[name], name
     assert statsd.last("fine_tuning.breaker.openai.state") in (0.0, 0.5, 1.0)
     # Every name that arrived maps to a Prometheus series through the exporter's mapping.
     from support import map_statsd
