@@ -76,7 +76,12 @@ def test_cache_bench(tmp_path: Path) -> None:
     cache, direct = result["rows"]
     assert (cache["mode"], direct["mode"]) == ("cache", "direct")
     for row in (cache, direct):
-        assert row["reads"] > 0 and row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+        # Every read is a hit or a miss, as the readers saw it (cached=true or not).
+        assert row["reads"] > 0 and row["hits"] + row["misses"] == row["reads"]
+    # Bounded staleness: no answer is older than the TTL plus the stale window (the entry's whole
+    # life in Redis), with a second for the read itself on a busy machine.
+    settings = result["settings"]
+    assert 0 < cache["answer_age_max_s"] <= settings["ttl_real_seconds"] + settings["stale_real_seconds"] + 1
     assert direct["hit_rate"] == 0 and cache["hit_rate"] > 0
     assert sum(cache["product_counted_hits_misses"]) > 0  # the product counted its lookups in Redis
     assert result["check"]["tests"] == 4
