@@ -53,31 +53,36 @@ def is_fine_tuned(model_id: str) -> bool:
     return model_id.startswith(("ft:", "selfhosted:"))
 
 
+def _with_events(conn: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with their ``events`` (every step, in order), read in one query."""
+    events: dict[str, list[dict[str, Any]]] = {record["id"]: [] for record in records}
+    rows = conn.execute(
+        "SELECT deployment_id, at, kind, traffic, detail FROM deployment_events"
+        " WHERE deployment_id = ANY(%s) ORDER BY id",
+        (list(events),),
+    ).fetchall()
+    for deployment_id, at, kind, traffic, detail in rows:
+        events[deployment_id].append({"at": at, "kind": kind, "traffic": traffic, "detail": detail})
+    for record in records:
+        record["events"] = events[record["id"]]
+    return records
+
+
 def get_deployment(config: PipelineConfig, deployment_id: str) -> dict[str, Any]:
     with db.connect(config.services.database_url.get_secret_value()) as conn:
         record = _fetch(conn, "SELECT * FROM deployments WHERE id = %s", (deployment_id,))
         if record is None:
             raise UnknownDeployment(f"no deployment {deployment_id!r}")
-        events = conn.execute(
-            "SELECT at, kind, traffic, detail FROM deployment_events WHERE deployment_id = %s ORDER BY id",
-            (deployment_id,),
-        ).fetchall()
-    record["events"] = [
-        {"at": at, "kind": kind, "traffic": traffic, "detail": detail} for at, kind, traffic, detail in events
-    ]
-    return record
+        return _with_events(conn, [record])[0]
 
 
 def list_deployments(config: PipelineConfig, limit: int = 50) -> list[dict[str, Any]]:
-    """The newest ``limit`` deployments with their events, newest first."""
+    """The newest ``limit`` deployments with their events, newest first (two queries)."""
     with db.connect(config.services.database_url.get_secret_value()) as conn:
-        ids = [
-            r[0]
-            for r in conn.execute(
-                "SELECT id FROM deployments ORDER BY started_at DESC, id LIMIT %s", (limit,)
-            )
-        ]
-    return [get_deployment(config, deployment_id) for deployment_id in ids]
+        cursor = conn.execute("SELECT * FROM deployments ORDER BY started_at DESC, id LIMIT %s", (limit,))
+        names = [c.name for c in cursor.description or ()]
+        records = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        return _with_events(conn, records)
 
 
 def deployment_of_test(config: PipelineConfig, ab_test_id: str) -> str | None:

@@ -367,27 +367,28 @@ def create_ab_test(
     return get_ab_test(config, ab_test_id)
 
 
-def get_ab_test(config: PipelineConfig, ab_test_id: str) -> dict[str, Any]:
-    with db.connect(config.services.database_url.get_secret_value()) as conn:
-        cursor = conn.execute("SELECT * FROM ab_tests WHERE id = %s", (ab_test_id,))
-        row = cursor.fetchone()
-        if row is None:
-            raise UnknownABTest(f"no A/B test {ab_test_id!r}")
-        record = dict(zip([c.name for c in cursor.description or ()], row, strict=True))
+def _ab_test_record(cursor: Any, row: tuple) -> dict[str, Any]:
+    record = dict(zip([c.name for c in cursor.description or ()], row, strict=True))
     split = record["traffic_split"]
     record["traffic_allocation"] = {"baseline": round(1 - split, 6), "candidate": split}
     record["estimated_end_time"] = record["planned_end_at"]
     return record
 
 
-def list_ab_tests(config: PipelineConfig, limit: int = 50) -> list[dict[str, Any]]:
-    """The newest ``limit`` A/B tests, newest first, as :func:`get_ab_test` records them."""
+def get_ab_test(config: PipelineConfig, ab_test_id: str) -> dict[str, Any]:
     with db.connect(config.services.database_url.get_secret_value()) as conn:
-        ids = [
-            r[0]
-            for r in conn.execute("SELECT id FROM ab_tests ORDER BY started_at DESC, id LIMIT %s", (limit,))
-        ]
-    return [get_ab_test(config, ab_test_id) for ab_test_id in ids]
+        cursor = conn.execute("SELECT * FROM ab_tests WHERE id = %s", (ab_test_id,))
+        row = cursor.fetchone()
+        if row is None:
+            raise UnknownABTest(f"no A/B test {ab_test_id!r}")
+        return _ab_test_record(cursor, row)
+
+
+def list_ab_tests(config: PipelineConfig, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest ``limit`` A/B tests, newest first, as :func:`get_ab_test` records them (one query)."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        cursor = conn.execute("SELECT * FROM ab_tests ORDER BY started_at DESC, id LIMIT %s", (limit,))
+        return [_ab_test_record(cursor, row) for row in cursor.fetchall()]
 
 
 def ab_test_of_run(config: PipelineConfig, dag_id: str, run_id: str) -> str | None:

@@ -7,6 +7,7 @@ pipeline is a run of the ``weekly_fine_tuning`` DAG; ``pipeline_id`` is its run 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,8 @@ from fine_tuning.config import PipelineConfig
 from fine_tuning.step_graph import SKIP_REASON_KEY
 from fine_tuning_airflow.api.deps import PIPELINE_DAG_ID
 from fine_tuning_airflow.hooks import OpenAIFineTuningHook
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,12 +119,14 @@ def _task_states(session: Session, run_id: str) -> dict[str, str | None]:
     return {task_id: (_state(state) if state else None) for task_id, state in rows}
 
 
-def _xcoms(session: Session, run_id: str) -> dict[str, dict[str, Any]]:
+def _xcom_values(session: Session, run_id: str, key: str) -> dict[str, Any]:
+    """The run's XComs under ``key``, by task id (unmapped tasks). An unreadable one is logged and
+    left out: the read of the run still answers."""
     rows = session.scalars(
         select(XComModel).where(
             XComModel.dag_id == PIPELINE_DAG_ID,
             XComModel.run_id == run_id,
-            XComModel.key == "return_value",
+            XComModel.key == key,
             XComModel.map_index == -1,
         )
     ).all()
@@ -129,24 +134,18 @@ def _xcoms(session: Session, run_id: str) -> dict[str, dict[str, Any]]:
     for row in rows:
         try:
             values[row.task_id] = XComModel.deserialize_value(row)
-        except Exception:  # noqa: BLE001  # an unreadable XCom leaves its metrics out, not the read
-            continue
-    return {k: v for k, v in values.items() if isinstance(v, dict)}
+        except Exception as exc:  # noqa: BLE001 - one bad XCom must not hide the rest of the run
+            log.warning("run %s: XCom %r of task %s is unreadable: %s", run_id, key, row.task_id, exc)
+    return values
+
+
+def _xcoms(session: Session, run_id: str) -> dict[str, dict[str, Any]]:
+    """The step manifests (each task's return value)."""
+    return {k: v for k, v in _xcom_values(session, run_id, "return_value").items() if isinstance(v, dict)}
 
 
 def _skip_reasons(session: Session, run_id: str) -> dict[str, str]:
-    rows = session.scalars(
-        select(XComModel).where(
-            XComModel.dag_id == PIPELINE_DAG_ID, XComModel.run_id == run_id, XComModel.key == SKIP_REASON_KEY
-        )
-    ).all()
-    reasons = {}
-    for row in rows:
-        try:
-            reasons[row.task_id] = str(XComModel.deserialize_value(row))
-        except Exception:  # noqa: BLE001  # an unreadable reason leaves the skip without its why
-            continue
-    return reasons
+    return {k: str(v) for k, v in _xcom_values(session, run_id, SKIP_REASON_KEY).items()}
 
 
 def read_run(run_id: str) -> RunDetails:

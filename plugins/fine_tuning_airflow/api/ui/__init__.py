@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from fine_tuning import clock
+from fine_tuning.config import PipelineConfig
 from fine_tuning.deploy import rollout
 from fine_tuning.evaluate import ab, plots, report
 from fine_tuning.infra.redis import redis_client
@@ -134,7 +135,7 @@ def experiments(_: deps.CanReadPipeline, request: Request, config: deps.ConfigDe
     )
 
 
-def _mlflow_links(config: Any, test: dict[str, Any]) -> dict[str, Any]:
+def _mlflow_links(config: PipelineConfig, test: dict[str, Any]) -> dict[str, Any]:
     """Links to the MLflow run of the pipeline run and to the registered version. MLflow down does
     not take the page down: the page says it could not ask."""
     base = config.mlflow.tracking_uri.rstrip("/")
