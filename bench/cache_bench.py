@@ -5,7 +5,7 @@
 The read path is the product's own: the ``GET /pipeline/evaluation/metrics/{ab_test_id}``
 endpoint function with its config dependency (A/B test row from PostgreSQL, then per-arm
 aggregates and the analysis of ``fine_tuning.evaluate.report``, cached in Redis under a key
-holding the test's status and look count, for ``evaluation.metrics_cache_ttl_seconds``), called
+holding the test's status (the look count is the entry's version), for ``evaluation.metrics_cache_ttl_seconds``), called
 in-process by reader threads (the API server runs such sync endpoints in a thread pool), in
 several processes (API server workers), each reader polling a random test, then waiting a think
 time. Airflow's access check is left out.
@@ -26,7 +26,11 @@ equals it (floats to 1e-9: a parallel plan's float sums differ in the last bits 
 Writes ``cache.json``.
 
 The cache serves an expired entry for ``cache.stale_seconds`` more while one reader refreshes it
-(BENCH_CACHE_STALE_SIM_SECONDS, default 300 simulated; 0 measures the cache without it).
+(BENCH_CACHE_STALE_SIM_SECONDS, default 300 simulated; 0 measures the cache without it). The
+look count is the entry's version, not part of its key: after a look, readers get the last
+look's report (with its age) until it is refreshed. Each look writes its report through, as the
+evaluate step does (BENCH_CACHE_PUBLISH_LOOKS=0: looks that leave the cache alone); the tests'
+last look before the bench has done so too.
 
 Environment (besides _harness's): BENCH_CACHE_POSTS (default 1M, capped by BENCH_MAX_POSTS),
 BENCH_CACHE_TESTS (4), BENCH_CACHE_READERS (32), BENCH_CACHE_PROCESSES (4),
@@ -170,14 +174,27 @@ class Writer(threading.Thread):
     posts arrive in every test; every LOOK_EVERY an evaluation look bumps each test's look count."""
 
     def __init__(
-        self, url: str, test_ids: list[str], posts_per_change: int, go_wall: float, speedup: float
+        self, url: str, test_ids: list[str], posts_per_change: int, go_wall: float, speedup: float,
+        config_file: Path, publish: bool,
     ) -> None:
         super().__init__(daemon=True)
         self.url, self.test_ids, self.posts_per_change = url, test_ids, posts_per_change
         self.go_wall, self.speedup = go_wall, speedup
+        self.config_file, self.publish = config_file, publish
         self.stop = threading.Event()
         self.changes = self.looks = 0
         self.error: BaseException | None = None
+
+    def _publish(self, ab_test_id: str, now: datetime) -> None:
+        """What the evaluate step does after its look: the look's report, written through."""
+        from fine_tuning.config import load_config
+        from fine_tuning.evaluate import ab, report
+        from fine_tuning.infra.cache import MetricsCache
+
+        config = load_config(env={**os.environ, "FINE_TUNING_CONFIG_FILE": str(self.config_file)})
+        test = ab.get_ab_test(config, ab_test_id)
+        aggregates = ab.test_aggregates(config, test, now)
+        report.publish_look(config, MetricsCache.from_config(config), test, aggregates, now)
 
     def run(self) -> None:
         from fine_tuning.infra import db
@@ -199,6 +216,9 @@ class Writer(threading.Thread):
                         conn.execute(
                             "UPDATE ab_tests SET looks = looks + 1 WHERE id = ANY(%s)", (self.test_ids,)
                         )
+                        if self.publish:
+                            for ab_test_id in self.test_ids:
+                                self._publish(ab_test_id, now)
                         self.looks += 1
                         next_look += LOOK_EVERY
         except BaseException as exc:  # reported by the main thread
@@ -229,7 +249,11 @@ def _run_mode(mode: str, env: dict[str, str], test_ids: list[str], settings: dic
                 raise RuntimeError(f"{mode} reader did not start:\n{child.communicate()[1][-4000:]}")
         go_wall = time.time() + 0.5
         stop_wall = go_wall + settings["seconds"]
-        writer = Writer(url, test_ids, posts_per_change, go_wall, settings["speedup"])
+        writer = Writer(url, test_ids, posts_per_change, go_wall, settings["speedup"],
+                        Path(env["FINE_TUNING_CONFIG_FILE"]), settings["publish_looks"])
+        if settings["publish_looks"]:  # the tests' last look before the bench, as it left the cache
+            for ab_test_id in test_ids:
+                writer._publish(ab_test_id, SIM_START)
         for child in children:
             child.stdin.write(f"{go_wall} {stop_wall}\n")  # type: ignore[union-attr]
             child.stdin.flush()  # type: ignore[union-attr]
@@ -370,6 +394,9 @@ def main() -> None:
         raise SystemExit("BENCH_CACHE_STALE_SIM_SECONDS must be >= 0")
     stale = round(settings["stale_sim_seconds"] / settings["speedup"])
     settings["stale_real_seconds"] = stale
+    # 1: each look writes its report through, as the evaluate step does; 0: a look that leaves
+    # the cache alone (its readers find the last look's report and one of them refreshes it).
+    settings["publish_looks"] = _harness.env_int("BENCH_CACHE_PUBLISH_LOOKS", 1) == 1
     info = _harness.machine()
     print(_harness.machine_line(info))
     posts_per_test = max(1, settings["posts"] // settings["tests"])

@@ -25,6 +25,7 @@ from fine_tuning.config import ConfigError, PipelineConfig
 from fine_tuning.deploy import rollout
 from fine_tuning.deploy.serving import serve_adapters
 from fine_tuning.evaluate import ab
+from fine_tuning.evaluate.report import publish_look
 from fine_tuning.infra import metrics
 from fine_tuning.infra.cache import MetricsCache
 from fine_tuning.infra.health import HealthReport, check_health, emit_report
@@ -464,9 +465,26 @@ def evaluation_manifest(result: dict[str, Any], looks: int) -> EvaluationManifes
     )
 
 
-def evaluate(config: PipelineConfig, ctx: RunContext, test: ABTestManifest) -> EvaluationManifest:
-    """One look at the A/B test (the Airflow operator repeats it, deferring in between)."""
-    result = ab.evaluate_ab_test(config, redis_client(config), test.ab_test_id, clock.now_utc())
+def evaluate(
+    config: PipelineConfig,
+    ctx: RunContext,
+    test: ABTestManifest,
+    metrics_cache: MetricsCache | None = None,
+) -> EvaluationManifest:
+    """One look at the A/B test (the Airflow operator repeats it, deferring in between).
+
+    The look decides on aggregates read fresh from PostgreSQL, never cached ones; the report it
+    makes of them is then written through ``metrics_cache`` (the Airflow side passes
+    ``CachedMetricsHook``'s; default: the config's), so the API's next read is this look's.
+    """
+    cache = metrics_cache or MetricsCache.from_config(config)
+
+    def publish(looked: dict[str, Any], aggregates: dict[str, Any], until: datetime) -> None:
+        publish_look(config, cache, looked, aggregates, until)
+
+    result = ab.evaluate_ab_test(
+        config, redis_client(config), test.ab_test_id, clock.now_utc(), on_look=publish
+    )
     looks = ab.get_ab_test(config, test.ab_test_id)["looks"]
     manifest = evaluation_manifest(result, looks)
     for reason in manifest.reasons:
@@ -693,8 +711,18 @@ STEPS: dict[str, Callable[..., Manifest]] = {
 }
 
 
-def run_step(name: str, config: PipelineConfig, ctx: RunContext, inputs: dict[str, dict | str]) -> Manifest:
-    """Run one step by name with its upstream manifests (dicts or JSON), as the CLI and operators do."""
+def run_step(
+    name: str,
+    config: PipelineConfig,
+    ctx: RunContext,
+    inputs: dict[str, dict | str],
+    **options: Any,
+) -> Manifest:
+    """Run one step by name with its upstream manifests (dicts or JSON), as the CLI and operators do.
+
+    ``options`` are the step's own keyword arguments that only a caller can give (the evaluate
+    step's ``metrics_cache``, from the Airflow hook).
+    """
     if name not in STEPS:
         raise ValueError(f"unknown step {name!r}; known steps: {', '.join(STEPS)}")
     args = []
@@ -702,7 +730,7 @@ def run_step(name: str, config: PipelineConfig, ctx: RunContext, inputs: dict[st
         if upstream not in inputs or inputs[upstream] in (None, "", "None"):
             raise ValueError(f"step {name!r} needs the manifest of {upstream!r}")
         args.append(INPUT_TYPES[upstream].from_json(inputs[upstream]))
-    manifest = STEPS[name](config, ctx, *args)
+    manifest = STEPS[name](config, ctx, *args, **options)
     _save(config, ctx, name, manifest)  # every step's manifest sits beside the dataset
     return manifest
 

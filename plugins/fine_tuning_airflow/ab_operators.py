@@ -50,12 +50,19 @@ class ABTestEvaluationOperator(BaseOperator):
 
         from fine_tuning.manifests import ABTestManifest, EvaluationManifest
         from fine_tuning.pipeline import run_step
+        from fine_tuning_airflow.cache_hook import CachedMetricsHook
 
         config = resolve_config(context, self.openai_conn_id)
         test = ABTestManifest.from_json(context["ti"].xcom_pull(task_ids=self.ab_task_id))
+        # Each look's report is written through the hook's cache: the API reads this look's.
+        cache = CachedMetricsHook(config=config).get_cache()
         while True:
             manifest = run_step(
-                "evaluate", config, run_context(context), {"ab-create": test.model_dump(mode="json")}
+                "evaluate",
+                config,
+                run_context(context),
+                {"ab-create": test.model_dump(mode="json")},
+                metrics_cache=cache,
             )
             assert isinstance(manifest, EvaluationManifest)  # the evaluate step's
             if manifest.final:

@@ -1,8 +1,11 @@
 """A stateless hook for cached metrics: SQL aggregates from PostgreSQL, cached in Redis with a TTL.
 
-The evaluation reads per-arm aggregates many times while an A/B test runs (every sensor poke,
-every API status call); the hook serves repeats from Redis (TTL ``cache.ttl_seconds``, 300 s by
-default) and counts hits and misses. When Redis is down every read goes to PostgreSQL.
+An A/B test's metrics are read many times while it runs (every API status call, every UI
+page); the hook serves repeats from Redis (TTL ``cache.ttl_seconds``, 300 s by default, served
+stale for ``cache.stale_seconds`` more while one caller refreshes) and counts hits and misses.
+The evaluate task (``ABTestEvaluationOperator``, in both execution modes) decides each look on
+fresh aggregates and writes the look's report through this hook's cache, so readers find the
+new look without a recompute. When Redis is down every read goes to PostgreSQL.
 """
 
 from __future__ import annotations
@@ -70,15 +73,11 @@ class CachedMetricsHook(BaseHook):
         return url or os.environ.get("REDIS_URL") or self.config.services.redis_url.get_secret_value()
 
     def get_cache(self) -> MetricsCache:
-        """The cache (its counters live in Redis and in the process, not in the hook)."""
+        """The cache, as the config sets it up (TTL, stale serving, key prefix, StatsD counts) on
+        the hook's Redis; its counters live in Redis and in the process, not in the hook."""
 
         config = self.config
-        return _cache_for(
-            self.redis_url() if config.cache.enabled else None,
-            config.cache.ttl_seconds,
-            config.cache.key_prefix,
-            config.breakers.redis_retry_seconds,
-        )
+        return _cache_for(config, self.redis_url() if config.cache.enabled else None)
 
     def get_metrics(self, name: str, compute: Callable[[], T], ttl_seconds: int | None = None) -> T:
         """A cached value by name, computed by ``compute`` on a miss."""
@@ -107,25 +106,15 @@ class CachedMetricsHook(BaseHook):
         return self.get_cache().stats()
 
 
-# Caches per (url, ttl, prefix) per process: the hook stays stateless, the process counts.
-_CACHES: dict[tuple[str | None, int, str], Any] = {}
+# Caches per (url, ttl, stale, prefix) per process: the hook stays stateless, the process counts.
+_CACHES: dict[tuple[str | None, int, int, str], Any] = {}
 
 
-def _cache_for(url: str | None, ttl: int, prefix: str, retry_seconds: float) -> MetricsCache:
+def _cache_for(config: PipelineConfig, url: str | None) -> MetricsCache:
     from fine_tuning.infra.cache import MetricsCache
 
-    key = (url, ttl, prefix)
+    key = (url, config.cache.ttl_seconds, config.cache.stale_seconds, config.cache.key_prefix)
     cache = _CACHES.get(key)
     if cache is None:
-        on_lookup = None
-        try:
-            from fine_tuning.infra import metrics
-
-            emitter = metrics.get_metrics()
-            on_lookup = emitter.cache_lookup
-        except Exception:  # noqa: BLE001 - metrics not configured: count in Redis only
-            on_lookup = None
-        cache = _CACHES[key] = MetricsCache(
-            url, ttl, prefix, redis_retry_seconds=retry_seconds, on_lookup=on_lookup
-        )
+        cache = _CACHES[key] = MetricsCache.from_config(config, redis_url=url)
     return cache

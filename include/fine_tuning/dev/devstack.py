@@ -211,3 +211,90 @@ def airflow_metadata_url(server_url: str, purpose: str) -> str:
     parts = urlsplit(server_url)
     # psycopg2, Airflow's default PostgreSQL driver (pinned in requirements.txt).
     return urlunsplit(("postgresql+psycopg2", parts.netloc, f"/{name}", parts.query, ""))
+
+
+def stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group (standalone and every component it spawned), then SIGKILL."""
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers (task runners) of the same group
+    process.wait()
+
+
+@contextlib.contextmanager
+def airflow_standalone(env: dict[str, str], log_dir: Path, attempts: int = 3) -> Iterator[dict]:
+    """``airflow standalone`` on a free loopback port until the block ends (its process group),
+    for the tests and the benchmarks; ``env`` sets ``AIRFLOW_HOME``.
+
+    A free port can be taken by another process between the pick and the API server's bind: the
+    log then says "address already in use" and the start is tried again on another port, instead
+    of waiting out the health check's timeout. Yields the base URL, the environment, the
+    generated users' passwords, the process, its log and how long the start took.
+    """
+    import json
+
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        env = {
+            **env,
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        }
+        log_path = log_dir / f"standalone-{attempt}.log"
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "airflow"), "standalone"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            if not _wait_for_api(base, process, log_path, timeout=150):
+                continue  # the port was taken: another one (the finally stops this one)
+            passwords = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+            deadline = time.monotonic() + 30
+            while not passwords.exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            yield {
+                "base": base,
+                "env": env,
+                "users": json.loads(passwords.read_text()),
+                "process": process,
+                "log": log_path,
+                "startup_seconds": time.monotonic() - started,
+            }
+            return
+        except BaseException:
+            print(log_path.read_text()[-6000:])
+            raise
+        finally:
+            stop_group(process)
+    raise RuntimeError(f"airflow standalone found its port taken {attempts} times")
+
+
+def _wait_for_api(base: str, process: subprocess.Popen, log_path: Path, timeout: float) -> bool:
+    """True once the API server answers; False when its port was taken; raises on another failure."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "address already in use" in log_path.read_text(errors="replace").lower():
+            return False
+        if process.poll() is not None:
+            tail = log_path.read_text()[-4000:]
+            raise RuntimeError(f"airflow standalone exited with {process.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"{base}/api/v2/monitor/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base} did not answer within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")

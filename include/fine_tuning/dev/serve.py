@@ -14,10 +14,8 @@ Experiments) instead of skipping for too little data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -27,7 +25,7 @@ from pathlib import Path
 import psycopg
 
 from fine_tuning.dev.demo import DEMO_CONFIG, REPO, TrafficSimulator, airflow_env, with_search_path
-from fine_tuning.dev.devstack import Stack, airflow_metadata_url, local_stack
+from fine_tuning.dev.devstack import Stack, airflow_metadata_url, local_stack, stop_group
 from fine_tuning.dev.seed import seed_posts
 from fine_tuning.infra import db
 
@@ -40,21 +38,28 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def demo_world(stack: Stack, workdir: Path, posts: int) -> tuple[str, dict[str, str]]:
-    """The demo's data for a served Airflow: the posts schema's URL and the environment to add."""
-    database_url = with_search_path(stack.database_url, SERVE_SCHEMA)
+def demo_world(
+    stack: Stack,
+    workdir: Path,
+    posts: int,
+    schema: str = SERVE_SCHEMA,
+    redis_db: int = SERVE_REDIS_DB,
+) -> tuple[str, dict[str, str]]:
+    """The demo's data for a served Airflow: the posts schema's URL and the environment to add
+    (the benchmark of Airflow's REST API passes a schema and Redis database of its own)."""
+    database_url = with_search_path(stack.database_url, schema)
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{SERVE_SCHEMA}"')
+        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     with db.connect(database_url) as conn:
         db.migrate(conn)
         (existing,) = db.one_row(conn.execute("SELECT count(*) FROM posts"))
         # A restart keeps what the last serve made (runs, tests, rollouts): seeded once.
         if not existing:
             inserted = seed_posts(conn, posts, end=datetime.now(UTC).replace(microsecond=0), days=7)
-            print(f"seeded {inserted} posts into {SERVE_SCHEMA}.posts", flush=True)
+            print(f"seeded {inserted} posts into {schema}.posts", flush=True)
     config_file = workdir / "training_config.json"
     config_file.write_text(json.dumps(DEMO_CONFIG, indent=2))
-    stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{SERVE_REDIS_DB}"
+    stack.redis_url = stack.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"
     return database_url, {"FINE_TUNING_CONFIG_FILE": str(config_file)}
 
 
@@ -102,17 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                 simulator.stopping.set()
                 simulator.join()
             stop_group(process)
-
-
-def stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -511,11 +512,17 @@ def _emit_metrics(
 
 
 def evaluate_ab_test(
-    config: PipelineConfig, redis_client: redis.Redis | None, ab_test_id: str, now: datetime
+    config: PipelineConfig,
+    redis_client: redis.Redis | None,
+    ab_test_id: str,
+    now: datetime,
+    on_look: Callable[[dict[str, Any], dict[str, dict[str, Any]], datetime], None] | None = None,
 ) -> dict[str, Any]:
     """One look at the test: analyse, keep the running sequential p-value, and decide.
 
     ``reject`` also takes the candidate out of the routing; ``promote`` leaves it for the deploy.
+    ``on_look(test, aggregates, now)`` is called once the look is recorded, with the test as the
+    look left it and the aggregates it decided on (the evaluate step caches the look's report).
     """
     test = get_ab_test(config, ab_test_id)
     if test["status"] != "running":
@@ -549,15 +556,22 @@ def evaluate_ab_test(
     body["plot"] = log_evaluation_plot(config, test, aggregates, history)
     status = "running" if decision == "continue" else decision
     with db.connect(config.services.database_url.get_secret_value()) as conn:
-        conn.execute(
+        recorded = conn.execute(
             """
             UPDATE ab_tests SET looks = looks + 1, min_sequential_p = %s, last_analysis = %s,
                    status = %s, ended_at = CASE WHEN %s <> 'running' THEN %s ELSE ended_at END
             WHERE id = %s AND status = 'running'
             """,
             (p_running, json.dumps(body, default=str), status, status, now, ab_test_id),
-        )
+        ).rowcount
     _emit_metrics(config, ab_test_id, metrics, decision)
+    if recorded and on_look is not None:
+        looked = {**test, "looks": test["looks"] + 1, "status": status}
+        looked["ended_at"] = now if status != "running" else test["ended_at"]
+        try:
+            on_look(looked, aggregates, now)
+        except Exception:
+            log.exception("A/B test %s: caching look %d's report failed", ab_test_id, looked["looks"])
     if decision == "reject" and redis_client is not None:
         write_routing(
             config,

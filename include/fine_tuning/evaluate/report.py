@@ -46,7 +46,13 @@ def relative_change(
 def compute_metrics(config: PipelineConfig, test: dict[str, Any], until: datetime) -> dict[str, Any]:
     """Per-arm metrics, their comparison and a read-only analysis of the test's posts up to ``until``
     (uncached: one aggregate query and the statistics)."""
-    aggregates = ab.test_aggregates(config, test, until)
+    return metrics_body(test, ab.test_aggregates(config, test, until), until)
+
+
+def metrics_body(
+    test: dict[str, Any], aggregates: dict[str, dict[str, Any]], until: datetime
+) -> dict[str, Any]:
+    """The report's body from the test's per-arm aggregates up to ``until``."""
     arms = ab.summaries(aggregates)
     b, c = arms["baseline"], arms["candidate"]
     comparison = {
@@ -89,6 +95,27 @@ def compute_metrics(config: PipelineConfig, test: dict[str, Any], until: datetim
     return {"metrics": arms, "performance_comparison": comparison, "statistical_analysis": analysis}
 
 
+def cache_key(test: dict[str, Any]) -> str:
+    """The report's cache entry. It holds the test's status, so a decision made since the last
+    read is never hidden; the look count is the entry's version, so the report of an earlier look
+    may still be served (saying how old it is) while the new one is computed."""
+    return f"ab_metrics:{test['id']}:{test['status']}"
+
+
+def publish_look(
+    config: PipelineConfig,
+    cache: MetricsCache,
+    test: dict[str, Any],
+    aggregates: dict[str, dict[str, Any]],
+    until: datetime,
+) -> None:
+    """Store the report of a look just made (``test`` as the look left it, ``aggregates`` the
+    ones it decided on), so that readers find this look's numbers without a recompute."""
+    ttl = config.evaluation.metrics_cache_ttl_seconds
+    if ttl > 0:
+        cache.store(cache_key(test), metrics_body(test, aggregates, until), ttl, version=test["looks"])
+
+
 def metrics_report(config: PipelineConfig, ab_test_id: str, now: datetime | None = None) -> MetricsReport:
     """The test's metrics up to ``now`` (default: the pipeline's clock), or to its end once it ended.
 
@@ -103,9 +130,8 @@ def metrics_report(config: PipelineConfig, ab_test_id: str, now: datetime | None
 
     ttl = config.evaluation.metrics_cache_ttl_seconds
     if ttl > 0:
-        # The key holds the test's status: a decision made since the last read is never hidden.
         cache = MetricsCache.from_config(config)
-        answer = cache.lookup(f"ab_metrics:{ab_test_id}:{test['status']}:{test['looks']}", compute, ttl)
+        answer = cache.lookup(cache_key(test), compute, ttl, version=test["looks"])
         body, cached, age = answer.value, answer.cached, answer.age_seconds
     else:
         body, cached, age = compute(), False, 0.0

@@ -13,6 +13,12 @@ its TTL plus ``stale_seconds``. Past its TTL it is still served (a hit, with its
 caller across all processes recomputes it in a background thread, so a reader never waits for
 a recompute of an entry it has; only a reader that finds nothing (a new key, or an entry older
 than TTL + stale) computes, and the others wait for it. ``lookup`` says how old the answer is.
+
+Versions: a caller may say which version of a value it wants (an A/B test's look count). An
+entry of another version is served as stale in the same way (never beyond TTL + stale, and only
+when ``stale_seconds`` > 0; else it is a miss), so a new version does not make every reader
+wait for a recompute. ``store`` writes a value through (the evaluation step stores each look's
+report as it makes it, so readers find the new version already there).
 """
 
 from __future__ import annotations
@@ -52,17 +58,22 @@ return value
 """
 
 
-# Entries are {"__swr": 1, "at": computed at (epoch s), "v": value}; a bare value (written
-# before entries carried their age) is read as fresh.
+# Entries are {"__swr": 1, "at": computed at (epoch s), "v": value, "ver": version or null}; a
+# bare value (written before entries carried their age) is read as fresh, of no version.
 ENVELOPE_MARK = "__swr"
 
 
-def _unwrap(raw: str | bytes) -> tuple[Any, float]:
-    """The stored value and its age in seconds."""
+def _unwrap(raw: str | bytes) -> tuple[Any, float, Any]:
+    """The stored value, its age in seconds, and its version."""
     data = json.loads(raw)
     if isinstance(data, dict) and data.get(ENVELOPE_MARK) == 1 and "v" in data:
-        return data["v"], max(0.0, time.time() - float(data["at"]))
-    return data, 0.0
+        return data["v"], max(0.0, time.time() - float(data["at"])), data.get("ver")
+    return data, 0.0, None
+
+
+def _fresh(raw: str | bytes, ttl: float, version: Any) -> bool:
+    _, age, stored_version = _unwrap(raw)
+    return age < ttl and stored_version == version
 
 
 @dataclass(frozen=True)
@@ -137,9 +148,13 @@ class MetricsCache:
 
     @classmethod
     def from_config(
-        cls, config: PipelineConfig, on_lookup: Callable[[bool], None] | None = None
+        cls,
+        config: PipelineConfig,
+        on_lookup: Callable[[bool], None] | None = None,
+        redis_url: str | None = None,
     ) -> MetricsCache:
-        url = config.services.redis_url.get_secret_value() if config.cache.enabled else None
+        """The cache the config sets up, on ``redis_url`` (default: the config's Redis)."""
+        url = (redis_url or config.services.redis_url.get_secret_value()) if config.cache.enabled else None
         if on_lookup is None:  # by default every lookup is counted over StatsD (hit rate metric)
             on_lookup = get_metrics(config).cache_lookup
         return cls(
@@ -186,9 +201,16 @@ class MetricsCache:
         value: T = self.lookup(name, compute, ttl_seconds).value
         return value
 
-    def lookup(self, name: str, compute: Callable[[], Any], ttl_seconds: int | None = None) -> CachedValue:
-        """``name``'s value with whether it was cached and its age; a stale one is served and
-        refreshed in the background, a missing one is computed (by one caller; others wait)."""
+    def lookup(
+        self,
+        name: str,
+        compute: Callable[[], Any],
+        ttl_seconds: int | None = None,
+        version: Any = None,
+    ) -> CachedValue:
+        """``name``'s value with whether it was cached and its age; a stale one (past its TTL, or
+        of another ``version``) is served and refreshed in the background, a missing one is
+        computed (by one caller; others wait)."""
         from redis.exceptions import RedisError
 
         ttl = ttl_seconds or self.ttl_seconds
@@ -204,12 +226,16 @@ class MetricsCache:
             else:
                 mark_redis_up(self.redis_url or "", "metrics cache")
                 if raw is not None:
-                    self._count(hit=True)
-                    value, age = _unwrap(raw)
-                    if age < ttl:
+                    value, age, stored_version = _unwrap(raw)
+                    if age < ttl and stored_version == version:
+                        self._count(hit=True)
                         return CachedValue(value, True, age)
-                    self._refresh_in_background(client, name, compute, ttl)
-                    return CachedValue(value, True, age, stale=True)
+                    if self.stale_seconds > 0:
+                        self._count(hit=True)
+                        self._refresh_in_background(client, name, compute, ttl, version)
+                        return CachedValue(value, True, age, stale=True)
+                    # Another version and no stale serving: a miss (the script counted a hit).
+                    self._uncount_shared_hit(client)
         if client is None:
             self._count(hit=False, error=self.redis_url is not None)
             return CachedValue(compute(), False, 0.0)
@@ -218,22 +244,31 @@ class MetricsCache:
         # while readers got 98.7% of their answers from the cache (bench/cache_bench.py).
         computed = True  # also when compute() raises: a miss
         try:
-            value, computed, age = self._compute_once(client, name, compute, ttl)
+            value, computed, age = self._compute_once(client, name, compute, ttl, version)
             return CachedValue(value, not computed, age)
         finally:
             self._count(hit=not computed)
             self._count_shared(client, hit=not computed)
 
-    def _store(self, client: Any, name: str, value: Any, ttl_seconds: int) -> None:
+    def store(self, name: str, value: Any, ttl_seconds: int | None = None, version: Any = None) -> None:
+        """Write ``value`` through as ``name``'s fresh entry (of ``version``); nothing when Redis
+        is unreachable (the outage is logged once, readers compute)."""
+        client = self._client()
+        if client is not None:
+            self._store(client, name, value, ttl_seconds or self.ttl_seconds, version)
+
+    def _store(self, client: Any, name: str, value: Any, ttl_seconds: int, version: Any = None) -> None:
         from redis.exceptions import RedisError
 
-        envelope = {ENVELOPE_MARK: 1, "at": time.time(), "v": value}
+        envelope = {ENVELOPE_MARK: 1, "at": time.time(), "v": value, "ver": version}
         try:
             client.set(self.key(name), json.dumps(envelope, default=str), ex=ttl_seconds + self.stale_seconds)
         except RedisError as exc:
             self._redis_failed(exc)
 
-    def _refresh_in_background(self, client: Any, name: str, compute: Callable[[], Any], ttl: int) -> None:
+    def _refresh_in_background(
+        self, client: Any, name: str, compute: Callable[[], Any], ttl: int, version: Any
+    ) -> None:
         """Recompute a stale entry in a thread, once across all processes (the compute lock,
         not waited for: a holder is already refreshing it) and once in this one."""
         with self._lock:
@@ -250,8 +285,8 @@ class MetricsCache:
                     return
                 try:
                     raw = client.get(self.key(name))
-                    if raw is None or _unwrap(raw)[1] >= ttl:  # nobody refreshed it meanwhile
-                        self._store(client, name, compute(), ttl)
+                    if raw is None or not _fresh(raw, ttl, version):  # nobody refreshed it meanwhile
+                        self._store(client, name, compute(), ttl, version)
                 finally:
                     with contextlib.suppress(LockError, RedisError):
                         lock.release()
@@ -276,8 +311,16 @@ class MetricsCache:
         except RedisError as exc:
             self._redis_failed(exc)
 
+    def _uncount_shared_hit(self, client: Any) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            client.hincrby(self.stats_key, "hits", -1)
+        except RedisError as exc:
+            self._redis_failed(exc)
+
     def _compute_once(
-        self, client: Any, name: str, compute: Callable[[], T], ttl_seconds: int
+        self, client: Any, name: str, compute: Callable[[], T], ttl_seconds: int, version: Any = None
     ) -> tuple[T, bool, float]:
         """On a miss, one caller across all processes computes; the others wait for its value.
         Returns the value, whether this caller computed it, and its age.
@@ -302,11 +345,11 @@ class MetricsCache:
             self._redis_failed(exc)
             return compute(), True, 0.0
         try:
-            if raw is not None:
-                value, age = _unwrap(raw)
+            if raw is not None and _fresh(raw, ttl_seconds, version):
+                value, age, _ = _unwrap(raw)
                 return value, False, age
             value = compute()
-            self._store(client, name, value, ttl_seconds)
+            self._store(client, name, value, ttl_seconds, version)
             return value, True, 0.0
         finally:
             if acquired:

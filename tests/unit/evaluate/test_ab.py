@@ -365,10 +365,27 @@ def test_the_evaluation_operator_defers_between_looks_and_returns_the_decision(
     config.evaluation.duration_hours = 24
     longer = ab.create_ab_test(config, redis_client, baseline_model=BASE, candidate_model=CAND, now=now_utc())
     manifest.update(ab_test_id=longer["id"], planned_end_at=longer["planned_end_at"].isoformat())
+    simulate_traffic(pg_url, redis_client, model_type="body", default_model=BASE, behaviours={}, requests=400,
+                     start=longer["started_at"], end=now_utc())
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute(context(60))
     assert isinstance(deferred.value.trigger, DateTimeTrigger)
     assert deferred.value.method_name == "execute_complete"
+
+    # The look wrote its report through CachedMetricsHook's cache: the API's read of this look
+    # is a hit, computes nothing, and equals what a read straight from PostgreSQL computes.
+    from fine_tuning.evaluate import report
+
+    looked = ab.get_ab_test(config, longer["id"])
+    assert looked["looks"] == 1
+    monkeypatch.setattr(report, "compute_metrics", lambda *a: pytest.fail("the look's report was recomputed"))
+    served = report.metrics_report(config, longer["id"])
+    monkeypatch.undo()
+    assert served.cached and served.age_seconds < 60
+    fresh = report.compute_metrics(config, looked, now_utc())
+    assert served.metrics["candidate"]["sample_size"] == fresh["metrics"]["candidate"]["sample_size"] > 0
+    assert served.metrics == fresh["metrics"]
+    assert served.statistical_analysis["decision"] == looked["last_analysis"]["decision"] == "continue"
 
 
 def test_deploy_refuses_when_a_fine_tuned_baseline_is_not_registered(

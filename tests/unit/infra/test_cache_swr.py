@@ -101,3 +101,40 @@ def test_an_entry_written_before_entries_carried_their_age_is_read_as_fresh(pref
     answer = cache.lookup("old", lambda: pytest.fail("a cached entry was recomputed"))
     assert answer.value == {"baseline": 0.06} and answer.cached and not answer.stale
     assert ENVELOPE_MARK not in json.dumps(answer.value)
+
+
+def test_an_entry_of_another_version_is_served_stale_while_the_new_version_is_computed(prefix: str) -> None:
+    """An A/B test's next look changes the version: readers keep the last look's report (saying
+    how old it is) while one of them computes the new one, instead of all waiting for it."""
+    cache = MetricsCache(REDIS_URL, ttl_seconds=60, key_prefix=prefix, stale_seconds=120)
+    cache.lookup("ab-4", lambda: "look 1", version=1)
+    release = threading.Event()
+
+    def look_2() -> str:
+        release.wait(30)
+        return "look 2"
+
+    answers = [cache.lookup("ab-4", look_2, version=2) for _ in range(8)]
+    assert all(a.value == "look 1" and a.cached and a.stale for a in answers)
+    release.set()
+    wait_until(lambda: cache.lookup("ab-4", look_2, version=2).value == "look 2", "the new version")
+    current = cache.lookup("ab-4", lambda: pytest.fail("a current entry was recomputed"), version=2)
+    assert current.value == "look 2" and current.cached and not current.stale
+
+
+def test_without_stale_serving_another_version_is_a_miss(prefix: str) -> None:
+    cache = MetricsCache(REDIS_URL, ttl_seconds=60, key_prefix=prefix, stale_seconds=0)
+    cache.lookup("ab-5", lambda: "look 1", version=1)
+    answer = cache.lookup("ab-5", lambda: "look 2", version=2)
+    assert (answer.value, answer.cached) == ("look 2", False)
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (0, 2)
+    assert (stats.shared_hits, stats.shared_misses) == (0, 2)  # the lookup script's hit was taken back
+
+
+def test_a_value_stored_through_is_a_fresh_hit_of_its_version(prefix: str) -> None:
+    cache = MetricsCache(REDIS_URL, ttl_seconds=60, key_prefix=prefix, stale_seconds=60)
+    cache.store("ab-6", {"looks": 3}, version=3)
+    answer = cache.lookup("ab-6", lambda: pytest.fail("a stored entry was recomputed"), version=3)
+    assert answer.value == {"looks": 3} and answer.cached and not answer.stale
+    assert 110 < (cache.ttl("ab-6") or 0) <= 120
