@@ -24,7 +24,12 @@ from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
 from fine_tuning.retirement import write_routing
 from fine_tuning.routing import Routing
-from fine_tuning.track.registry import demote_candidate, find_version_of, promote_champion
+from fine_tuning.track.registry import (
+    VersionNotRegistered,
+    demote_candidate,
+    find_version_of,
+    promote_champion,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -316,6 +321,10 @@ def watch(
     record = get_deployment(config, deployment_id)
     if record["status"] != "rolling_out":
         return record
+    if record["current_traffic"] >= record["rollout_config"]["max_traffic"]:
+        # Full traffic already, not recorded completed: a completion was interrupted; finish it.
+        _complete(config, redis_client, record, now)
+        return get_deployment(config, deployment_id)
     verdict = health(config, record, now)
     detected = time.perf_counter()
     if verdict["fired"]:
@@ -402,14 +411,33 @@ def watch(
 def _complete(
     config: PipelineConfig, redis_client: redis.Redis, record: dict[str, Any], now: datetime
 ) -> None:
-    """Full rollout: the candidate serves everything and becomes the champion and next baseline."""
-    with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
-        conn.execute(
-            "UPDATE deployments SET status = 'completed', finished_at = %s"
-            " WHERE id = %s AND status = 'rolling_out'",
-            (now, record["id"]),
-        )
-        _event(conn, record["id"], "completed", record["current_traffic"], {}, now)
+    """Full rollout: the candidate serves everything and becomes the champion and next baseline.
+
+    In this order, so that no crash or MLflow error can split them: the ``champion`` move is
+    handed to the outbox (applied, or queued durably and replayed exactly once; a buffered
+    registration's version is resolved then), the routing serves the candidate alone, and only
+    then is the rollout recorded ``completed``. Interrupted anywhere before that, the rollout is
+    still ``rolling_out`` at full traffic and the next health check completes it again (each
+    part is idempotent).
+    """
+    champion_move = "none: a provider's base model is not in the registry"
+    if record["candidate_version"] or is_fine_tuned(record["candidate_model"]):
+        try:
+            moved = promote_champion(
+                config, record["candidate_version"], record["candidate_model"], key=record["id"]
+            )
+        except VersionNotRegistered as exc:  # MLflow answered: this model has no version
+            raise DeploymentRefused(
+                f"deployment {record['id']} cannot complete: {exc}. It stays at full traffic,"
+                " rolling_out, until the model is registered or the rollout is rolled back"
+            ) from exc
+        champion_move = "queued" if moved.buffered else "applied"
+        if moved.buffered:
+            log.warning(
+                "deployment %s: MLflow unavailable, the champion move is queued (%s)",
+                record["id"],
+                moved.reason,
+            )
     write_routing(
         config,
         redis_client,
@@ -417,8 +445,15 @@ def _complete(
         Routing(record["candidate_model"], None, 0.0, f"{record['id']}:completed"),
         now,
     )
-    if record["candidate_version"]:
-        promote_champion(config, record["candidate_version"])
+    with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
+        done = conn.execute(
+            "UPDATE deployments SET status = 'completed', finished_at = %s"
+            " WHERE id = %s AND status = 'rolling_out'",
+            (now, record["id"]),
+        ).rowcount
+        if done:
+            detail = {"champion_move": champion_move}
+            _event(conn, record["id"], "completed", record["current_traffic"], detail, now)
     log.info("deployment %s completed: %s is the champion", record["id"], record["candidate_model"])
 
 
@@ -466,13 +501,16 @@ def rollback(
             (now, reason, deployment_id),
         )
         _event(conn, deployment_id, "rolled_back", 0.0, detail, now)
-    if record["candidate_version"]:
-        # The routing is already back and recorded: an MLflow hiccup must not turn a done
-        # rollback into an error. The alias move is logged for a retry by hand.
+    if record["candidate_version"] or is_fine_tuned(record["candidate_model"]):
+        # The routing is already back and recorded: an MLflow outage must not turn a done
+        # rollback into an error. The alias move goes through the outbox (queued while MLflow
+        # is down, replayed by the next MLflow-bound step); MLflow refusing it is logged.
         try:
-            demote_candidate(config, record["candidate_version"], reason)
+            demote_candidate(
+                config, record["candidate_version"], record["candidate_model"], reason, deployment_id
+            )
         except Exception as exc:  # noqa: BLE001
-            log.error("rollback %s done, but moving MLflow aliases failed: %s", deployment_id, exc)
+            log.error("rollback %s done, but MLflow refused the alias move: %s", deployment_id, exc)
     fired = [name for name in ROLLBACK_TRIGGER_NAMES if name in reason]
     automatic = "guardrail" if reason.startswith("automatic: guardrail") else "manual"
     get_metrics(config).rollback(fired[0] if fired else automatic)

@@ -49,6 +49,8 @@ Operation = Callable[[PipelineConfig, dict[str, Any]], dict[str, Any]]
 OPERATIONS: dict[str, str] = {
     "cost_estimate": "fine_tuning.track.registry:apply_cost_estimate",
     "register_candidate": "fine_tuning.track.registry:apply_registration",
+    "champion_alias": "fine_tuning.track.registry:apply_champion",
+    "demote_candidate": "fine_tuning.track.registry:apply_demotion",
 }
 
 

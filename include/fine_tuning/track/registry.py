@@ -1,10 +1,10 @@
 """MLflow tracking and registry for the candidate: one run per pipeline run, one model version.
 
 Both are found again on a retry (by tags derived from dag_id and run_id), never made twice.
-Every MLflow call goes through the shared ``mlflow`` circuit breaker, and the two tracking
-operations (cost estimate, registration) go through the durable outbox of
-``fine_tuning.track.outbox``: when MLflow is down they are queued and replayed later, and the
-step returns at once (a registration then comes back with ``status="buffered"``).
+Every MLflow call goes through the shared ``mlflow`` circuit breaker, and the tracking
+operations (cost estimate, registration, the champion and rollback alias moves) go through the
+durable outbox of ``fine_tuning.track.outbox``: when MLflow is down they are queued and
+replayed later, and the step returns at once (a registration then comes back with ``status="buffered"``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fine_tuning.config import PipelineConfig
-from fine_tuning.infra.breakers import CircuitOpenError, get_breaker
+from fine_tuning.infra.breakers import CircuitOpenError, get_breaker, is_breaker_failure
 from fine_tuning.manifests import (
     CollectManifest,
     JobResult,
@@ -23,7 +23,7 @@ from fine_tuning.manifests import (
     TrainingManifest,
     write_manifest,
 )
-from fine_tuning.track.outbox import submit
+from fine_tuning.track.outbox import SubmitResult, submit
 from fine_tuning.train.providers import JobStatus, get_provider
 
 if TYPE_CHECKING:
@@ -496,34 +496,74 @@ def _get_or_create_version(
 CHAMPION_ALIAS = "champion"
 
 
-def promote_champion(config: PipelineConfig, version: str) -> None:
-    """A completed rollout: this version becomes ``champion`` (and stops being the challenger)."""
+def promote_champion(config: PipelineConfig, version: str | None, model: str, key: str) -> SubmitResult:
+    """A completed rollout: ``model``'s version becomes ``champion`` (and stops being the
+    challenger), through the outbox: applied now, or queued durably while MLflow is down and
+    replayed exactly once, in order after whatever was queued before (a buffered registration
+    first: ``version`` None is resolved from ``model`` when the move is applied).
+
+    :param key: the move's identity (the deployment), so the same move is queued once.
+    """
+    payload = {"version": version, "model": model}
+    return submit(config, "champion_alias", f"champion:{key}", payload)
+
+
+def demote_candidate(
+    config: PipelineConfig, version: str | None, model: str, reason: str, key: str
+) -> SubmitResult:
+    """A rollback: the candidate loses ``challenger``; ``champion`` stays where it was. Through the
+    outbox, like :func:`promote_champion`."""
+    payload = {"version": version, "model": model, "reason": reason[:5000]}
+    return submit(config, "demote_candidate", f"demote:{key}", payload)
+
+
+class VersionNotRegistered(LookupError):
+    """MLflow answered, and no version of the registered model is this fine-tuned model."""
+
+
+def _version_of(config: PipelineConfig, payload: dict[str, Any]) -> str:
+    version = payload.get("version") or find_version_of(config, payload["model"])
+    if version is None:
+        # Not an outage: raised to the caller (or, on replay, dead-lettered with this message).
+        raise VersionNotRegistered(
+            f"no version of {config.mlflow.registered_model_name!r} is tagged"
+            f" fine_tuned_model={payload['model']!r}: its alias cannot move"
+        )
+    return str(version)
+
+
+def _drop_challenger(client: MlflowClient, name: str, alias: str, version: str) -> None:
     from mlflow.exceptions import MlflowException
 
+    try:
+        if client.get_model_version_by_alias(name, alias).version == version:
+            client.delete_registered_model_alias(name, alias)
+    except MlflowException as exc:
+        if is_breaker_failure(exc):  # an outage: the operation stays queued
+            raise
+        # RESOURCE_DOES_NOT_EXIST: no challenger alias, nothing to move
+
+
+def apply_champion(config: PipelineConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """Move ``champion`` (idempotent: setting an alias where it already points changes nothing)."""
     client = make_client(config)
     name = config.mlflow.registered_model_name
+    version = _version_of(config, payload)
     client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     client.set_model_version_tag(name, version, "deployment_status", "champion")
-    try:
-        if client.get_model_version_by_alias(name, config.mlflow.candidate_alias).version == version:
-            client.delete_registered_model_alias(name, config.mlflow.candidate_alias)
-    except MlflowException:
-        pass  # no challenger alias: nothing to move
+    _drop_challenger(client, name, config.mlflow.candidate_alias, version)
+    return {"version": version, "alias": CHAMPION_ALIAS}
 
 
-def demote_candidate(config: PipelineConfig, version: str, reason: str) -> None:
-    """A rollback: the candidate loses ``challenger``; ``champion`` stays where it was."""
-    from mlflow.exceptions import MlflowException
-
+def apply_demotion(config: PipelineConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """Tag a rolled-back version and take ``challenger`` off it (idempotent)."""
     client = make_client(config)
     name = config.mlflow.registered_model_name
+    version = _version_of(config, payload)
     client.set_model_version_tag(name, version, "deployment_status", "rolled_back")
-    client.set_model_version_tag(name, version, "rollback_reason", reason[:5000])
-    try:
-        if client.get_model_version_by_alias(name, config.mlflow.candidate_alias).version == version:
-            client.delete_registered_model_alias(name, config.mlflow.candidate_alias)
-    except MlflowException:
-        pass
+    client.set_model_version_tag(name, version, "rollback_reason", payload["reason"])
+    _drop_challenger(client, name, config.mlflow.candidate_alias, version)
+    return {"version": version, "demoted": True}
 
 
 class ChampionUnknown(RuntimeError):
