@@ -138,10 +138,21 @@ def test_operator_fails_with_openais_message() -> None:
         )
 
 
-def test_on_kill_cancels_the_job(connection: OpenAI) -> None:
-    job_id = start_job(connection)
-    WaitForFineTuningJobOperator(task_id="wait", job_id=job_id).on_kill()
-    assert connection.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
+def test_on_kill_cancels_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an emulator whose stages last a minute: the job is still live when ``on_kill`` runs,
+    so "cancelled" is the kill's doing, never a race with a job that finished first."""
+    from openai_emulator.launch import EmulatorProcess
+
+    with EmulatorProcess(stage_seconds=60) as slow:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_OPENAI_DEFAULT",
+            json.dumps({"conn_type": "generic", "host": slow.base_url, "password": "sk-conn-key"}),
+        )
+        connection = OpenAI(base_url=slow.base_url, api_key="sk-conn-key")
+        job_id = start_job(connection)
+        assert connection.fine_tuning.jobs.retrieve(job_id).status not in ("succeeded", "cancelled")
+        WaitForFineTuningJobOperator(task_id="wait", job_id=job_id).on_kill()
+        assert connection.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
 
 
 async def test_a_user_kill_of_the_deferred_wait_cancels_the_job_and_cleanup_does_not(
