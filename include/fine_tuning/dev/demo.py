@@ -71,7 +71,18 @@ def airflow_env(
     """
     venv_bin = str(Path(sys.executable).parent)
     connection = {"conn_type": "generic", "host": stack.openai_base_url, "password": "sk-demo-local"}
-    metadata = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url} if metadata_url else {}
+    metadata: dict[str, str] = {}
+    if metadata_url:
+        metadata = {
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+            # Airflow 3.3's API server checks a JWT's revocation with a synchronous query on its
+            # event loop (apache/airflow#73422, open): once more requests are in flight than its
+            # pool holds (5 + 10 overflow), the loop waits for a connection that only the loop
+            # can give back, and every request stalls for the pool's 30 s timeout. 16 clients
+            # polling a run did that twice in 40 s (bench/airflow_rest_bench.py); a pool larger
+            # than the concurrency keeps it from happening. Connections open only when used.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_MAX_OVERFLOW": "40",
+        }
     return {
         **metadata,
         **os.environ,
