@@ -518,7 +518,7 @@ def decide(
             )
             if not any(e["kind"] == kind for e in record["events"]):
                 _record_decision(config, record, kind, {**detail, "applied": False}, now)
-            return record
+            return get_deployment(config, deployment_id)
         _record_decision(config, record, kind, {**detail, "applied": False}, now)
         when = f" at {record['finished_at'].isoformat()}" if record["finished_at"] else ""
         why = f" ({record['rollback_reason']})" if record["rollback_reason"] else ""
