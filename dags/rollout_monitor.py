@@ -6,6 +6,11 @@ step (engagement drop >= 15% against the baseline, error rate > 5%, p95 response
 > 2000 ms, all configurable) and roll back at once when one fires; otherwise advance the
 candidate's traffic share when its interval has passed (default +10% every 24 h). At 100% the
 candidate becomes the MLflow `champion` and next week's baseline.
+
+With `deployment.require_approval`, the step to 100% waits for a person instead: the rollout
+holds its traffic (still watched every hour) and `request_approval` starts one `rollout_approval`
+run per deployment awaiting approval (run id `approval__<deployment id>`; a run that exists is
+not started again), without waiting for it: the answer may take hours, the health checks may not.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import DAG, task
 
+from fine_tuning.step_graph import APPROVAL_DAG_ID
+from fine_tuning_airflow.approval import approval_requests
 from fine_tuning_airflow.operators import fine_tuning_step
 
 with DAG(
@@ -33,4 +41,15 @@ with DAG(
         "max_retry_delay": timedelta(minutes=10),
     },
 ) as dag:
-    fine_tuning_step("rollout")
+    watched = fine_tuning_step("rollout")
+
+    @task
+    def awaiting_approval(manifest: dict | None) -> list[dict]:
+        return approval_requests(manifest)
+
+    TriggerDagRunOperator.partial(
+        task_id="request_approval",
+        trigger_dag_id=APPROVAL_DAG_ID,
+        wait_for_completion=False,
+        skip_when_already_exists=True,
+    ).expand_kwargs(awaiting_approval(watched.output))

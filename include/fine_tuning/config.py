@@ -352,6 +352,10 @@ class DeploymentConfig(_Section):
     strategy: Literal["gradual_rollout", "immediate"] = "gradual_rollout"
     rollout_config: RolloutConfig = Field(default_factory=RolloutConfig)
     rollback_triggers: RollbackTriggers = Field(default_factory=RollbackTriggers)
+    # The step to max_traffic waits for a person (the rollout_approval DAG's ApprovalOperator);
+    # the rollout holds its traffic meanwhile, and no answer within the timeout is a Reject.
+    require_approval: bool = False
+    approval_timeout_hours: float = Field(24.0, gt=0, le=24 * 30)
 
 
 class MLflowConfig(_Section):

@@ -62,3 +62,23 @@ INPUT_TYPES: dict[str, type[Manifest]] = {
 def task_id(step: str) -> str:
     """The Airflow task id of a step (task ids read better with underscores)."""
     return step.replace("-", "_")
+
+
+# The DAG that asks a person before a rollout's last step (deployment.require_approval), its
+# ApprovalOperator's task, and one run per deployment, named after it (so a second request for
+# the same deployment finds the first).
+APPROVAL_DAG_ID = "rollout_approval"
+APPROVAL_TASK_ID = "approval"
+
+
+def approval_run_id(deployment_id: str) -> str:
+    """The approval DAG's run for this deployment."""
+    return f"approval__{deployment_id}"
+
+
+def approval_page(deployment_id: str) -> str:
+    """The path of the approval's Required Actions page in the Airflow UI (under its base URL)."""
+    from urllib.parse import quote
+
+    run_id = quote(approval_run_id(deployment_id), safe="")
+    return f"/dags/{APPROVAL_DAG_ID}/runs/{run_id}/tasks/{APPROVAL_TASK_ID}/required_actions"

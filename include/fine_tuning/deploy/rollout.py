@@ -47,6 +47,15 @@ class UnknownDeployment(LookupError):
     """No deployment with this id."""
 
 
+class DecisionNotApplicable(ValueError):
+    """A person's answer to an approval that the deployment's state no longer allows (an approval
+    of a rolled-back rollout, a rejection of a completed one). The message says why."""
+
+
+# A rollout that owns its model type's routing: it serves a share and its health is watched.
+ACTIVE_STATUSES = ("rolling_out", "awaiting_approval")
+
+
 def _fetch(conn: Any, query: str, params: tuple) -> dict[str, Any] | None:
     cursor = conn.execute(query, params)
     row = cursor.fetchone()
@@ -102,7 +111,8 @@ def active_deployments(config: PipelineConfig) -> list[str]:
         return [
             r[0]
             for r in conn.execute(
-                "SELECT id FROM deployments WHERE status = 'rolling_out' ORDER BY started_at"
+                "SELECT id FROM deployments WHERE status = ANY(%s) ORDER BY started_at",
+                (list(ACTIVE_STATUSES),),
             )
         ]
 
@@ -123,8 +133,8 @@ def rollback_target(config: PipelineConfig, model_type: str) -> str | None:
     """The model an active rollout of ``model_type`` would roll back to (None: no rollout)."""
     with db.connect(config.services.database_url.get_secret_value()) as conn:
         row = conn.execute(
-            "SELECT previous_model FROM deployments WHERE model_type = %s AND status = 'rolling_out'",
-            (model_type,),
+            "SELECT previous_model FROM deployments WHERE model_type = %s AND status = ANY(%s)",
+            (model_type, list(ACTIVE_STATUSES)),
         ).fetchone()
     return None if row is None else str(row[0])
 
@@ -182,6 +192,18 @@ def deploy(
     traffic = (
         rollout.max_traffic if strategy == "immediate" else min(rollout.initial_traffic, rollout.max_traffic)
     )
+    # With approval required, the step to max_traffic waits for a person: an immediate rollout
+    # (its only step is that one) starts awaiting approval with the candidate serving nothing.
+    awaiting = deployment.require_approval and traffic >= rollout.max_traffic
+    if awaiting:
+        traffic = 0.0
+    # The approval's contract is the deployment's own, recorded with its ramp: a later change
+    # of the monitor's configuration does not change a running rollout.
+    ramp = {
+        **rollout.model_dump(mode="json"),
+        "require_approval": deployment.require_approval,
+        "approval_timeout_hours": deployment.approval_timeout_hours,
+    }
     deployment_id = f"deploy-{now:%Y%m%d}-{uuid.uuid4().hex[:8]}"
     try:
         with db.connect(database_url) as conn, conn.transaction():
@@ -190,7 +212,7 @@ def deploy(
                 INSERT INTO deployments (id, ab_test_id, model_type, candidate_model, previous_model,
                                          candidate_version, strategy, rollout_config, rollback_triggers,
                                          current_traffic, status, started_at, last_step_at)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'rolling_out', %s, %s)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                 """,
                 (
                     deployment_id,
@@ -200,14 +222,17 @@ def deploy(
                     test["baseline_model"],
                     test["candidate_version"],
                     strategy,
-                    rollout.model_dump_json(),
+                    json.dumps(ramp),
                     deployment.rollback_triggers.model_dump_json(),
                     traffic,
+                    "awaiting_approval" if awaiting else "rolling_out",
                     now,
                     now,
                 ),
             )
             _event(conn, deployment_id, "started", traffic, {"strategy": strategy}, now)
+            if awaiting:
+                _event(conn, deployment_id, "awaiting_approval", traffic, _approval_detail(ramp), now)
     except psycopg.errors.UniqueViolation:
         # A rollout of this model type is live: this test's own, made by a concurrent call, or another's.
         with db.connect(database_url) as conn:
@@ -223,7 +248,7 @@ def deploy(
         now,
     )
     get_metrics(config).rollout_traffic_share(traffic)
-    if traffic >= rollout.max_traffic:
+    if traffic >= rollout.max_traffic and not awaiting:
         _complete(config, redis_client, get_deployment(config, deployment_id), now)
     return get_deployment(config, deployment_id)
 
@@ -319,9 +344,10 @@ def watch(
 ) -> dict[str, Any]:
     """One health check of a rollout: roll back if a trigger fires, else advance when it is time."""
     record = get_deployment(config, deployment_id)
-    if record["status"] != "rolling_out":
+    if record["status"] not in ACTIVE_STATUSES:
         return record
-    if record["current_traffic"] >= record["rollout_config"]["max_traffic"]:
+    awaiting = record["status"] == "awaiting_approval"
+    if not awaiting and record["current_traffic"] >= record["rollout_config"]["max_traffic"]:
         # Full traffic already, not recorded completed: a completion was interrupted; finish it.
         _complete(config, redis_client, record, now)
         return get_deployment(config, deployment_id)
@@ -354,6 +380,8 @@ def watch(
                 verdict,
                 time.perf_counter(),
             )
+        if awaiting:  # the triggers and guardrails are judged; the traffic waits for the person
+            return get_deployment(config, deployment_id)
         if evidence.verdict == "hold":
             detail = {
                 "reason": "; ".join(evidence.reasons),
@@ -365,6 +393,8 @@ def watch(
                 _event(conn, deployment_id, "held", record["current_traffic"], detail, now)
             return get_deployment(config, deployment_id)
         verdict["evidence"] = evidence.to_dict()
+    elif awaiting:
+        return get_deployment(config, deployment_id)
     else:
         due = now - record["last_step_at"] >= timedelta(hours=rollout["increment_interval_hours"])
         if not due or not verdict["enough_data"]:
@@ -380,20 +410,39 @@ def watch(
     traffic = min(
         round(record["current_traffic"] + rollout["increment_percentage"], 6), rollout["max_traffic"]
     )
+    if traffic >= rollout["max_traffic"] and rollout.get("require_approval", False):
+        detail = {k: verdict.get(k) for k in ("metrics", "gates", "evidence")}
+        return _await_approval(config, record, detail, now)
+    return _advance(config, redis_client, record, traffic, verdict, now)
+
+
+def _advance(
+    config: PipelineConfig,
+    redis_client: redis.Redis,
+    record: dict[str, Any],
+    traffic: float,
+    verdict: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """One step up the ramp to ``traffic``; at ``max_traffic`` the rollout completes."""
+    deployment_id = record["id"]
+    rollout = record["rollout_config"]
+    detail = {"metrics": verdict["metrics"], "gates": verdict["gates"], "evidence": verdict.get("evidence")}
+    if "approval" in verdict:
+        detail["approval"] = verdict["approval"]
     with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
-        conn.execute(
+        # The status stays: an approved rollout is 'awaiting_approval' until it is 'completed', so
+        # a health check in between does not ask for the approval again.
+        changed = conn.execute(
             "UPDATE deployments SET current_traffic = %s, last_step_at = %s"
-            " WHERE id = %s AND status = 'rolling_out'",
-            (traffic, now, deployment_id),
-        )
-        _event(
-            conn,
-            deployment_id,
-            "advanced",
-            traffic,
-            {"metrics": verdict["metrics"], "gates": verdict["gates"], "evidence": verdict.get("evidence")},
-            now,
-        )
+            " WHERE id = %s AND status = ANY(%s)",
+            (traffic, now, deployment_id, list(ACTIVE_STATUSES)),
+        ).rowcount
+        if changed:
+            _event(conn, deployment_id, "advanced", traffic, detail, now)
+    if not changed:  # rolled back meanwhile: its routing is the previous model's, leave it
+        log.warning("deployment %s is no longer active: not advancing it", deployment_id)
+        return get_deployment(config, deployment_id)
     write_routing(
         config,
         redis_client,
@@ -408,6 +457,104 @@ def watch(
     return get_deployment(config, deployment_id)
 
 
+def _approval_detail(ramp: dict[str, Any]) -> dict[str, Any]:
+    from fine_tuning.step_graph import APPROVAL_DAG_ID
+
+    return {"approval_dag_id": APPROVAL_DAG_ID, "timeout_hours": ramp.get("approval_timeout_hours")}
+
+
+def _await_approval(
+    config: PipelineConfig, record: dict[str, Any], detail: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """The last step waits for a person: the traffic stays where it is (the health checks and
+    rollback triggers keep running on it); ``rollout_monitor`` starts the approval's DAG run."""
+    with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
+        changed = conn.execute(
+            "UPDATE deployments SET status = 'awaiting_approval' WHERE id = %s AND status = 'rolling_out'",
+            (record["id"],),
+        ).rowcount
+        if changed:
+            _event(
+                conn,
+                record["id"],
+                "awaiting_approval",
+                record["current_traffic"],
+                {**detail, **_approval_detail(record["rollout_config"])},
+                now,
+            )
+    if changed:
+        log.warning(
+            "deployment %s awaits approval at %.0f%% before its last step",
+            record["id"],
+            record["current_traffic"] * 100,
+        )
+    return get_deployment(config, record["id"])
+
+
+def decide(
+    config: PipelineConfig,
+    redis_client: redis.Redis,
+    deployment_id: str,
+    *,
+    approved: bool,
+    decided_by: str | None,
+    now: datetime,
+    timed_out: bool = False,
+) -> dict[str, Any]:
+    """Apply a person's answer to a rollout awaiting approval: Approve completes it (100%, the
+    candidate the champion: what the last step does without approval); Reject, or no answer
+    before the timeout, rolls it back with a reason naming who or the timeout.
+
+    An answer the deployment's state no longer allows is recorded and then either ignored (a
+    rejection of a rolled-back rollout: it is back already) or refused with
+    :class:`DecisionNotApplicable` (an approval of a rolled-back rollout, a rejection of a
+    completed one). The same answer twice (a retried task) changes nothing the second time.
+    """
+    if timed_out and approved:
+        raise ValueError(f"deployment {deployment_id}: a timed-out approval cannot be an approval")
+    if not timed_out and not (decided_by and decided_by.strip()):
+        raise ValueError(f"deployment {deployment_id}: an answer needs the person who gave it (decided_by)")
+    record = get_deployment(config, deployment_id)
+    kind = "approved" if approved else "rejected"
+    timeout_hours = record["rollout_config"].get("approval_timeout_hours")
+    who = f"approval timed out after {timeout_hours:g} h" if timed_out else f"{kind} by {decided_by}"
+    status = record["status"]
+    detail: dict[str, Any] = {"decided_by": decided_by, "timed_out": timed_out, "status_before": status}
+    if status != "awaiting_approval":
+        if (approved and status == "completed") or (not approved and status == "rolled_back"):
+            log.warning(
+                "deployment %s is %s already: the answer (%s) changes nothing", deployment_id, status, who
+            )
+            if not any(e["kind"] == kind for e in record["events"]):
+                _record_decision(config, record, kind, {**detail, "applied": False}, now)
+            return get_deployment(config, deployment_id)
+        _record_decision(config, record, kind, {**detail, "applied": False}, now)
+        when = f" at {record['finished_at'].isoformat()}" if record["finished_at"] else ""
+        why = f" ({record['rollback_reason']})" if record["rollback_reason"] else ""
+        raise DecisionNotApplicable(
+            f"deployment {deployment_id} is {status!r}{when}{why}, not awaiting approval: "
+            f"the answer ({who}) cannot be applied"
+        )
+    _record_decision(config, record, kind, {**detail, "applied": True}, now)
+    if not approved:
+        return rollback(config, redis_client, deployment_id, who, now)
+    # The health check of this moment comes with the last step: a trigger firing now rolls back.
+    verdict = health(config, record, now)
+    if verdict["fired"]:
+        reason = f"automatic: {'; '.join(verdict['fired'])} (when {who})"
+        return rollback(config, redis_client, deployment_id, reason, now, verdict)
+    log.info("deployment %s %s: completing it", deployment_id, who)
+    verdict["approval"] = {"decided_by": decided_by}
+    return _advance(config, redis_client, record, record["rollout_config"]["max_traffic"], verdict, now)
+
+
+def _record_decision(
+    config: PipelineConfig, record: dict[str, Any], kind: str, detail: dict[str, Any], now: datetime
+) -> None:
+    with db.connect(config.services.database_url.get_secret_value()) as conn:
+        _event(conn, record["id"], kind, record["current_traffic"], detail, now)
+
+
 def _complete(
     config: PipelineConfig, redis_client: redis.Redis, record: dict[str, Any], now: datetime
 ) -> None:
@@ -418,8 +565,12 @@ def _complete(
     registration's version is resolved then), the routing serves the candidate alone, and only
     then is the rollout recorded ``completed``. Interrupted anywhere before that, the rollout is
     still ``rolling_out`` at full traffic and the next health check completes it again (each
-    part is idempotent).
+    part is idempotent). A rollout rolled back meanwhile (an approval answered late) is left
+    alone: its routing is the previous model's.
     """
+    if get_deployment(config, record["id"])["status"] not in ACTIVE_STATUSES:
+        log.warning("deployment %s is no longer active: not completing it", record["id"])
+        return
     champion_move = "none: a provider's base model is not in the registry"
     if record["candidate_version"] or is_fine_tuned(record["candidate_model"]):
         try:
@@ -448,8 +599,8 @@ def _complete(
     with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
         done = conn.execute(
             "UPDATE deployments SET status = 'completed', finished_at = %s"
-            " WHERE id = %s AND status = 'rolling_out'",
-            (now, record["id"]),
+            " WHERE id = %s AND status = ANY(%s)",
+            (now, record["id"], list(ACTIVE_STATUSES)),
         ).rowcount
         if done:
             detail = {"champion_move": champion_move}

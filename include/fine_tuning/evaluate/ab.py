@@ -57,7 +57,8 @@ def routing_owner(conn: Any, model_type: str) -> str | None:
         """
         SELECT 'A/B test ' || id FROM ab_tests WHERE model_type = %(type)s AND status = 'running'
         UNION ALL
-        SELECT 'rollout ' || id FROM deployments WHERE model_type = %(type)s AND status = 'rolling_out'
+        SELECT 'rollout ' || id FROM deployments
+        WHERE model_type = %(type)s AND status IN ('rolling_out', 'awaiting_approval')
         LIMIT 1
         """,
         {"type": model_type},

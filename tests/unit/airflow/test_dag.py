@@ -22,12 +22,17 @@ def test_no_import_errors(dagbag: DagBag) -> None:
     assert "weekly_fine_tuning" in dagbag.dags
 
 
+# The approval's runs wait up to a day each: one per model type may wait at once.
+MAX_ACTIVE_RUNS = {"rollout_approval": 2}
+
+
 def test_every_dag_follows_the_rules(dagbag: DagBag) -> None:
+    assert set(dagbag.dags) == {"weekly_fine_tuning", "rollout_monitor", "rollout_approval"}
     for dag_id, dag in dagbag.dags.items():
         assert dag.tags, dag_id
         assert dag.doc_md, dag_id
         assert dag.catchup is False, dag_id
-        assert dag.max_active_runs == 1, dag_id
+        assert dag.max_active_runs == MAX_ACTIVE_RUNS.get(dag_id, 1), dag_id
         for task in dag.tasks:
             assert task.owner not in (None, "", "airflow"), (dag_id, task.task_id)
             assert task.retries >= 2, (dag_id, task.task_id)
@@ -47,7 +52,26 @@ def test_weekly_shape_and_schedule(dagbag: DagBag) -> None:
 def test_rollout_monitor_runs_hourly(dagbag: DagBag) -> None:
     dag = dagbag.dags["rollout_monitor"]
     assert dag.timetable.expression == "0 * * * *"
-    assert [t.task_id for t in dag.tasks] == ["rollout"]
+    assert [t.task_id for t in dag.topological_sort()] == ["rollout", "awaiting_approval", "request_approval"]
+    request = dag.get_task("request_approval")
+    assert request.partial_kwargs["trigger_dag_id"] == "rollout_approval"
+    assert request.partial_kwargs["wait_for_completion"] is False
+    assert request.partial_kwargs["skip_when_already_exists"] is True
+
+
+def test_rollout_approval_asks_a_person_and_rejects_on_timeout(dagbag: DagBag) -> None:
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    dag = dagbag.dags["rollout_approval"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # schedule=None: started by rollout_monitor
+    assert [t.task_id for t in dag.topological_sort()] == ["approval", "approved", "apply_decision"]
+    approval = dag.get_task("approval")
+    assert isinstance(approval, ApprovalOperator) and approval.defaults == ["Reject"]
+    # Reject skips the task right after the approval; the decision is applied past it either way.
+    assert dag.get_task("approved").upstream_task_ids == {"approval"}
+    apply = dag.get_task("apply_decision")
+    assert apply.upstream_task_ids == {"approved"} and apply.trigger_rule == "none_failed"
+    assert dag.params.get_param("deployment_id").schema["pattern"] == r"^deploy-[0-9]{8}-[0-9a-f]{8}$"
 
 
 def test_parse_touches_no_heavy_import() -> None:
