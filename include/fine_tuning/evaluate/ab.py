@@ -571,7 +571,7 @@ def evaluate_ab_test(
         looked["ended_at"] = now if status != "running" else test["ended_at"]
         try:
             on_look(looked, aggregates, now)
-        except Exception:
+        except Exception:  # any: the look is recorded, and a reader computes the report itself
             log.exception("A/B test %s: caching look %d's report failed", ab_test_id, looked["looks"])
     if decision == "reject" and redis_client is not None:
         write_routing(
