@@ -5,11 +5,12 @@ One run per deployment (run id `approval__<deployment id>`), started by `rollout
 rollout with `deployment.require_approval` reaches its last step. The rollout keeps its traffic
 meanwhile, and the hourly health checks and rollback triggers keep running on it.
 
-- `approval`: Airflow's `ApprovalOperator`. Its page (**Browse → Required Actions**, or the task's
-  *Required Actions* tab; REST: `PATCH /api/v2/dags/rollout_approval/dagRuns/{run_id}/`
-  `taskInstances/approval/-1/hitlDetails` with `{"chosen_options": ["Approve"]}`) shows the evidence: the A/B test's lift and CI, guardrails, SRM, the held stage's rollback
-  triggers and the MLflow run, plot and version links. No answer within
-  `deployment.approval_timeout_hours` (24 h) is a **Reject**.
+- `approval`: Airflow's `ApprovalOperator`. Its page (**Browse → Required Actions**, or the
+  task's *Required Actions* tab) shows the evidence: the A/B test's lift and CI, guardrails,
+  SRM, the held stage's rollback triggers and the MLflow run, plot and version links. REST:
+  `PATCH /api/v2/dags/rollout_approval/dagRuns/{run_id}/taskInstances/approval/-1/hitlDetails`
+  with `{"chosen_options": ["Approve"]}`. No answer within `deployment.approval_timeout_hours`
+  (24 h) is a **Reject**.
 - `approved`: nothing to run; skipped on Reject (what the ApprovalOperator does to the task
   right after it).
 - `apply_decision`: Approve completes the rollout (100%, MLflow `champion`); Reject or the

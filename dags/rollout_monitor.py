@@ -52,4 +52,4 @@ with DAG(
         trigger_dag_id=APPROVAL_DAG_ID,
         wait_for_completion=False,
         skip_when_already_exists=True,
-    ).expand_kwargs(awaiting_approval(watched.output))
+    ).expand_kwargs(awaiting_approval(watched.output))  # type: ignore[arg-type]  # XComArg, resolved at run time

@@ -4,10 +4,11 @@ the operator that applies the answer, and the requests ``rollout_monitor`` start
 The standard provider's ApprovalOperator (1.21.0, Airflow 3.3) parks the task in
 ``awaiting_input`` (no worker, no triggerer); the API's HITL response or the scheduler's timeout
 sweep resumes it in ``execute_complete``. On a timeout the sweep answers with the ``defaults``:
-here ``Reject``, with no user. On Reject the operator skips its direct downstream tasks, so the
-DAG is ``approval >> approved >> apply_decision``: ``approved`` (nothing to run) is what gets
-skipped, and ``apply_decision`` (``none_failed``) applies either answer, retried on its own without
-asking the person again.
+here ``Reject``, with no user. On Reject the operator skips its direct downstream tasks (by
+raising the task SDK's ``DownstreamTasksSkipped``, so its return value is lost), so the DAG is
+``approval >> approved >> apply_decision``: ``approved`` (nothing to run) is what gets skipped,
+``apply_decision`` (``none_failed``) applies either answer from the approval's ``answer`` XCom,
+retried on its own without asking the person again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from fine_tuning.config import PipelineConfig
 
 
+# The approval task's XCom key for the person's answer (see RolloutApprovalOperator.execute_complete).
+ANSWER_KEY = "answer"
+
+
 def service_config() -> PipelineConfig:
     """The pipeline's config and Airflow's service connections; the run's one param,
     ``deployment_id``, is not configuration."""
@@ -40,7 +45,7 @@ class RolloutApprovalOperator(ApprovalOperator):
     The subject and body (the A/B test's lift and CI, guardrails, SRM, the held stage's rollback
     triggers, the MLflow links) and the timeout (the deployment's ``approval_timeout_hours``)
     are read when the task runs; no answer by then is a Reject. Returns the answer as the
-    task's XCom: ``deployment_id``, ``approved``, ``decided_by``, ``timed_out``.
+    task's XCom ``answer``: ``deployment_id``, ``approved``, ``decided_by``, ``timed_out``.
     """
 
     template_fields: Sequence[str] = (*ApprovalOperator.template_fields, "deployment_id")
@@ -64,16 +69,22 @@ class RolloutApprovalOperator(ApprovalOperator):
         self.response_timeout = timedelta(hours=hours)
         return super().execute(context)
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        answer = super().execute_complete(context=context, event=event)
-        user = answer.get("responded_by_user") or {}
-        timed_out = bool(event.get("timedout")) or not user
-        return {
-            "deployment_id": self.deployment_id,
-            "approved": answer["chosen_options"] == [ApprovalOperator.APPROVE],
-            "decided_by": None if timed_out else (user.get("name") or user.get("id")),
-            "timed_out": timed_out,
-        }
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        # On Reject the provider skips the task right after this one by raising the task SDK's
+        # DownstreamTasksSkipped: the task succeeds but its return value is never pushed. So the
+        # answer goes to its own XCom key first, for apply_decision to read in either case.
+        if "error" not in event:
+            self.validate_chosen_options(event["chosen_options"])
+            user = event.get("responded_by_user") or {}
+            timed_out = bool(event.get("timedout")) or not user
+            answer = {
+                "deployment_id": self.deployment_id,
+                "approved": event["chosen_options"] == [ApprovalOperator.APPROVE],
+                "decided_by": None if timed_out else (user.get("name") or user.get("id")),
+                "timed_out": timed_out,
+            }
+            context["ti"].xcom_push(key=ANSWER_KEY, value=answer)
+        return super().execute_complete(context=context, event=event)
 
 
 class ApplyApprovalOperator(BaseOperator):
@@ -99,7 +110,7 @@ class ApplyApprovalOperator(BaseOperator):
         from fine_tuning.infra.redis import redis_client
         from fine_tuning.pipeline import deployment_manifest
 
-        answer = context["ti"].xcom_pull(task_ids=self.approval_task_id)
+        answer = context["ti"].xcom_pull(task_ids=self.approval_task_id, key=ANSWER_KEY)
         if not isinstance(answer, dict) or not {"deployment_id", "approved", "timed_out"} <= answer.keys():
             raise AirflowFailException(
                 f"task {self.approval_task_id!r} left no answer to apply (got {answer!r})"

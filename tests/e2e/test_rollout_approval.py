@@ -116,7 +116,7 @@ def awaiting_deployment(config: PipelineConfig) -> str:
              '{"srm_ok": true, "srm_p_value": 0.61, "relative_lift": 0.123, "ci_lower": 0.041,'
              ' "ci_upper": 0.205, "confidence_level": 0.95, "p_value": 0.003, "method": "sequential"}'),
         )
-    record = rollout.deploy(config, redis.Redis.from_url(config.services.redis_url), ab_test_id, now)
+    record = rollout.deploy(config, redis.Redis.from_url(config.services.redis_url.get_secret_value()), ab_test_id, now)
     assert record["status"] == "awaiting_approval", record
     return record["id"]
 

@@ -210,3 +210,45 @@ def test_unknown_experiments_are_a_404_page(browser: Any, services: dict) -> Non
     for path in ("/pipeline/ui/experiments/ab/ab-nope", "/pipeline/ui/experiments/rollouts/deploy-nope"):
         response = reader.get(path)
         assert response.status_code == 404 and 'id="error"' in response.text and "nope" in response.text
+
+
+def test_a_rollout_awaiting_approval_links_to_airflows_required_actions(
+    browser: Any, client: Any, admin: dict, services: dict
+) -> None:
+    from fine_tuning.deploy import rollout
+
+    config = load_config(params={"deployment": {"strategy": "immediate", "require_approval": True}})
+    redis_client = redis.Redis.from_url(services["redis_url"])
+    now = datetime.now(UTC)
+    with psycopg.connect(services["pg_url"], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
+            " planned_end_at, status, success_criteria, power_plan, last_analysis)"
+            " VALUES ('ab-wait', 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', '{\"srm_ok\": true}')",
+            (BASELINE, CANDIDATE, now, now),
+        )
+    deployment_id = rollout.deploy(config, redis_client, "ab-wait", now)["id"]
+    path = f"/pipeline/ui/experiments/rollouts/{deployment_id}"
+    page = browser("viewer", "viewer").get(path)
+    assert page.status_code == 200, page.text
+    link = next(e for e in elements(page.text) if e.get("id") == "approval-link")
+    assert link["href"] == f"/dags/rollout_approval/runs/approval__{deployment_id}/tasks/approval/required_actions"
+    assert link["target"] == "_top" and 'data-status="awaiting_approval"' in page.text
+    assert 'id="rollback-form"' in page.text  # a rollout awaiting approval can still be rolled back
+    listed = browser("viewer", "viewer").get("/pipeline/ui/experiments")
+    assert 'data-status="awaiting_approval"' in listed.text
+    # The API's answer for it (a second deploy of the same test returns the same deployment).
+    body = client.post("/pipeline/deployment/deploy", headers=admin, json={
+        "model_version": {"model_id": CANDIDATE},
+        "evaluation_result": {"ab_test_id": "ab-wait", "recommendation": "promote", "safety_checks_passed": True},
+        "deployment_strategy": "immediate"})
+    assert body.status_code == 201, body.text
+    assert body.json()["deployment_id"] == deployment_id and body.json()["status"] == "awaiting_approval"
+    approval = body.json()["approval"]
+    assert approval["dag_run_id"] == f"approval__{deployment_id}" and approval["decision"] is None
+
+    rollout.decide(config, redis_client, deployment_id, approved=False, decided_by="carol", now=now)
+    page = browser("viewer", "viewer").get(path)
+    decision = next(e for e in elements(page.text) if e.get("data-decision"))
+    assert decision["data-decision"] == "rejected" and "by <b>carol</b>" in page.text
+    assert 'id="approval-link"' not in page.text and "rejected by carol" in page.text

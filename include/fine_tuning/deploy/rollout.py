@@ -24,6 +24,7 @@ from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
 from fine_tuning.retirement import write_routing
 from fine_tuning.routing import Routing
+from fine_tuning.step_graph import APPROVAL_DAG_ID
 from fine_tuning.track.registry import (
     VersionNotRegistered,
     demote_candidate,
@@ -458,8 +459,6 @@ def _advance(
 
 
 def _approval_detail(ramp: dict[str, Any]) -> dict[str, Any]:
-    from fine_tuning.step_graph import APPROVAL_DAG_ID
-
     return {"approval_dag_id": APPROVAL_DAG_ID, "timeout_hours": ramp.get("approval_timeout_hours")}
 
 

@@ -155,6 +155,8 @@ class DeploymentResponse(BaseModel):
     rollback_plan: dict[str, Any]
     monitoring: dict[str, Any]
     events: list[dict[str, Any]]
+    # deployment.require_approval: the approval's DAG run and Required Actions page, its answer
+    approval: dict[str, Any] | None = None
 
 
 class RollbackRequest(_Body):

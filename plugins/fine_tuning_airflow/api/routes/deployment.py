@@ -10,6 +10,7 @@ from fine_tuning import clock
 from fine_tuning.deploy import rollout
 from fine_tuning.evaluate import ab
 from fine_tuning.infra.redis import redis_client
+from fine_tuning.step_graph import APPROVAL_DAG_ID, approval_page, approval_run_id
 from fine_tuning_airflow.api import deps
 from fine_tuning_airflow.api.deps import ROLLOUT_DAG_ID, URL_PREFIX
 from fine_tuning_airflow.api.schemas import DeploymentResponse, DeployRequest, RollbackRequest
@@ -103,4 +104,22 @@ def _deployment_body(record: dict[str, Any]) -> DeploymentResponse:
             {"at": event["at"], "kind": event["kind"], "traffic": event["traffic"]}
             for event in record.get("events", [])
         ],
+        approval=_approval(record),
     )
+
+
+def _approval(record: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether the last step waits for a person, where they answer, and their answer."""
+    ramp = record.get("rollout_config") or {}
+    if not ramp.get("require_approval"):
+        return None
+    answers = [e for e in record.get("events", []) if e["kind"] in ("approved", "rejected")]
+    return {
+        "required": True,
+        "timeout_hours": ramp.get("approval_timeout_hours"),
+        "dag_id": APPROVAL_DAG_ID,
+        "dag_run_id": approval_run_id(record["id"]),
+        "page": approval_page(record["id"]),
+        "decision": answers[-1]["kind"] if answers else None,
+        "decided_by": answers[-1]["detail"].get("decided_by") if answers else None,
+    }

@@ -36,6 +36,7 @@ from fine_tuning.config import PipelineConfig
 from fine_tuning.deploy import rollout
 from fine_tuning.evaluate import ab, plots, report
 from fine_tuning.infra.redis import redis_client
+from fine_tuning.step_graph import approval_page
 from fine_tuning.track import registry
 from fine_tuning_airflow.api import deps
 from fine_tuning_airflow.api.deps import PIPELINE_DAG_ID, URL_PREFIX
@@ -209,6 +210,8 @@ def rollout_page(
         "rollout.html",
         deployment=record,
         rolled_back=next((e for e in record["events"] if e["kind"] == "rolled_back"), None),
+        asked=next((e for e in reversed(record["events"]) if e["kind"] == "awaiting_approval"), None),
+        approval_url=approval_page(deployment_id),
         form_token=form_token(request, f"rollback:{deployment_id}"),
         done=request.query_params.get("done"),
     )
