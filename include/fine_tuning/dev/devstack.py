@@ -246,6 +246,10 @@ def airflow_standalone(env: dict[str, str], log_dir: Path, attempts: int = 3) ->
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            # The task and trigger log servers bind 8793/8794 by default: a second Airflow on
+            # the machine (another test, a benchmark, `make serve`) would clash there.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         }
         log_path = log_dir / f"standalone-{attempt}.log"
         with log_path.open("w") as log_file:
@@ -258,7 +262,7 @@ def airflow_standalone(env: dict[str, str], log_dir: Path, attempts: int = 3) ->
             )
         base = f"http://127.0.0.1:{port}"
         try:
-            if not _wait_for_api(base, process, log_path, timeout=150):
+            if not _wait_for_api(base, port, process, log_path, timeout=150):
                 continue  # the port was taken: another one (the finally stops this one)
             passwords = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
             deadline = time.monotonic() + 30
@@ -281,11 +285,12 @@ def airflow_standalone(env: dict[str, str], log_dir: Path, attempts: int = 3) ->
     raise RuntimeError(f"airflow standalone found its port taken {attempts} times")
 
 
-def _wait_for_api(base: str, process: subprocess.Popen, log_path: Path, timeout: float) -> bool:
+def _wait_for_api(base: str, port: int, process: subprocess.Popen, log_path: Path, timeout: float) -> bool:
     """True once the API server answers; False when its port was taken; raises on another failure."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "address already in use" in log_path.read_text(errors="replace").lower():
+        lines = log_path.read_text(errors="replace").lower().splitlines()
+        if any("address already in use" in line and str(port) in line for line in lines):
             return False
         if process.poll() is not None:
             tail = log_path.read_text()[-4000:]
