@@ -146,6 +146,14 @@ def wait_until(check, what: str, timeout: float = 180.0):  # noqa: ANN001, ANN20
     return result
 
 
+def wait_for_input(api: httpx.Client, run_id: str) -> None:
+    """Until the approval waits in ``awaiting_input``, and a little more: an answer within about a
+    second of the park races the LocalExecutor's report that the parked workload ended, and the
+    scheduler then marks the task up_for_retry (seen here; a person takes longer than that)."""
+    wait_until(lambda: ti_state(api, run_id, "approval") == "awaiting_input", "the approval to wait for input")
+    time.sleep(6)
+
+
 def run_state(api: httpx.Client, dag_id: str, run_id: str) -> str | None:
     response = api.get(f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
     return response.json()["state"] if response.status_code == 200 else None
@@ -169,7 +177,7 @@ def test_the_monitor_asks_and_a_persons_approval_completes_the_rollout(
     run_id = approval_run_id(deployment_id)
     assert run_state(api, APPROVAL_DAG_ID, run_id) is not None, "the monitor did not start the approval run"
 
-    wait_until(lambda: ti_state(api, run_id, "approval") == "awaiting_input", "the approval to wait for input")
+    wait_for_input(api, run_id)
     detail = api.get(hitl_path(run_id)).json()
     assert detail["options"] == ["Approve", "Reject"] and detail["defaults"] == ["Reject"]
     assert CAND in detail["subject"] and "100%" in detail["subject"]
@@ -196,7 +204,7 @@ def test_a_persons_reject_rolls_back_and_a_late_approval_is_refused(
     config = config_for(services)
     deployment_id = awaiting_deployment(config)
     run_id = trigger(api, deployment_id)
-    wait_until(lambda: ti_state(api, run_id, "approval") == "awaiting_input", "the approval to wait for input")
+    wait_for_input(api, run_id)
     assert api.patch(hitl_path(run_id), json={"chosen_options": ["Reject"]}).status_code == 200
     assert finished(api, APPROVAL_DAG_ID, run_id) == "success"
     assert ti_state(api, run_id, "approved") == "skipped"  # what ApprovalOperator does on Reject
@@ -209,7 +217,7 @@ def test_a_persons_reject_rolls_back_and_a_late_approval_is_refused(
     # An approval asked for a rollout that was rolled back meanwhile: the run fails, saying why.
     other = awaiting_deployment(config)
     late = trigger(api, other)
-    wait_until(lambda: ti_state(api, late, "approval") == "awaiting_input", "the second approval")
+    wait_for_input(api, late)
     rollout.rollback(config, redis.Redis.from_url(services["redis_url"]), other, "on-call: tone", datetime.now(UTC))
     assert api.patch(hitl_path(late), json={"chosen_options": ["Approve"]}).status_code == 200
     assert finished(api, APPROVAL_DAG_ID, late) == "failed"

@@ -224,8 +224,10 @@ def test_a_rollout_awaiting_approval_links_to_airflows_required_actions(
         conn.execute(
             "INSERT INTO ab_tests (id, model_type, baseline_model, candidate_model, traffic_split, started_at,"
             " planned_end_at, status, success_criteria, power_plan, last_analysis)"
-            " VALUES ('ab-wait', 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', '{\"srm_ok\": true}')",
-            (BASELINE, CANDIDATE, now, now),
+            " VALUES ('ab-wait', 'body', %s, %s, 0.1, %s, %s, 'promote', '{}', '{}', %s)",
+            (BASELINE, CANDIDATE, now, now,
+             '{"srm_ok": true, "srm_p_value": 0.6, "relative_lift": 0.12, "ci_lower": 0.04, "ci_upper": 0.2,'
+             ' "confidence_level": 0.95, "p_value": 0.003, "method": "sequential", "decision": "promote"}'),
         )
     deployment_id = rollout.deploy(config, redis_client, "ab-wait", now)["id"]
     path = f"/pipeline/ui/experiments/rollouts/{deployment_id}"
