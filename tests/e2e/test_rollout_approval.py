@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.slow
 
 PG_BASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BASE, CAND = "gpt-4o-mini-2024-07-18", "ft:gpt-4o-mini-2024-07-18:org:weekly:approval"
+# The module's own registered model: completing a rollout moves its champion alias.
+MODEL_NAME = f"approval-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,9 @@ def airflow(services: dict[str, Any], emulator: Any, tmp_path_factory: pytest.Te
         "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "3",
         "REDIS_URL": services["redis_url"],
     })
+    config_file = home / "training_config.json"
+    config_file.write_text(json.dumps({"mlflow": {"registered_model_name": MODEL_NAME}}))
+    env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
     env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
     try:
         with airflow_standalone(env, home) as running:
@@ -99,8 +105,25 @@ def config_for(services: dict[str, Any], timeout_hours: float = 24.0) -> Pipelin
         env={"DATABASE_URL": services["posts_url"], "REDIS_URL": services["redis_url"],
              "MLFLOW_TRACKING_URI": services["mlflow_uri"]},
         params={"deployment": {"strategy": "immediate", "require_approval": True,
-                               "approval_timeout_hours": timeout_hours}},
+                               "approval_timeout_hours": timeout_hours},
+                "mlflow": {"registered_model_name": MODEL_NAME}},
     )
+
+
+def register_candidate(config: PipelineConfig) -> str:
+    """CAND as a version of the module's registered model (a completion moves champion to it)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(config.mlflow.tracking_uri, config.mlflow.tracking_uri)
+    if not client.search_registered_models(f"name = '{MODEL_NAME}'"):
+        client.create_registered_model(MODEL_NAME)
+    for version in client.search_model_versions(f"name = '{MODEL_NAME}'"):
+        if version.tags.get("fine_tuned_model") == CAND:
+            return version.version
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    return client.create_model_version(
+        MODEL_NAME, source=f"runs:/{run.info.run_id}/m", run_id=run.info.run_id, tags={"fine_tuned_model": CAND}
+    ).version
 
 
 def awaiting_deployment(config: PipelineConfig) -> str:
@@ -116,6 +139,7 @@ def awaiting_deployment(config: PipelineConfig) -> str:
              '{"srm_ok": true, "srm_p_value": 0.61, "relative_lift": 0.123, "ci_lower": 0.041,'
              ' "ci_upper": 0.205, "confidence_level": 0.95, "p_value": 0.003, "method": "sequential"}'),
         )
+    register_candidate(config)
     record = rollout.deploy(config, redis.Redis.from_url(config.services.redis_url.get_secret_value()), ab_test_id, now)
     assert record["status"] == "awaiting_approval", record
     return record["id"]
@@ -194,6 +218,10 @@ def test_the_monitor_asks_and_a_persons_approval_completes_the_rollout(
     approved = next(e for e in record["events"] if e["kind"] == "approved")
     assert approved["detail"]["decided_by"] == "admin" and approved["detail"]["applied"] is True
     assert get_routing(redis.Redis.from_url(services["redis_url"]), "body").baseline_model == CAND
+    from mlflow import MlflowClient
+
+    aliases = MlflowClient(services["mlflow_uri"], services["mlflow_uri"]).get_registered_model(MODEL_NAME).aliases
+    assert aliases.get("champion") == register_candidate(config)
     # The next monitor run asks nothing: the run exists, and the rollout is no longer waiting.
     assert api.patch(hitl_path(run_id), json={"chosen_options": ["Reject"]}).status_code == 409
 
