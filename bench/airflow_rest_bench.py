@@ -182,7 +182,7 @@ def _answer(api: httpx.Client, path: str) -> dict[str, Any] | None:
     try:
         response = api.get(path)
     except httpx.TimeoutException:
-        return None
+        return None  # the server is still stalled: the caller reports "no answer within 60 s"
     response.raise_for_status()
     body: dict[str, Any] = response.json()
     return body

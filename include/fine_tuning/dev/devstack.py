@@ -300,6 +300,6 @@ def _wait_for_api(base: str, port: int, process: subprocess.Popen, log_path: Pat
                 if response.status == 200:
                     return True
         except OSError:
-            pass
+            pass  # not listening yet: the loop looks again until the deadline, then raises
         time.sleep(0.5)
     raise TimeoutError(f"{base} did not answer within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
