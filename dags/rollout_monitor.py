@@ -7,6 +7,13 @@ step (engagement drop >= 15% against the baseline, error rate > 5%, p95 response
 candidate's traffic share when its interval has passed (default +10% every 24 h). At 100% the
 candidate becomes the MLflow `champion` and next week's baseline.
 
+Between the hourly checks, `guard` watches every active rollout continuously: deferred in the
+triggerer, every 5 minutes (`rollback_triggers.guard_interval_minutes`) it judges the same
+triggers on the last hour of posts (`guard_window_minutes`, widened until each arm has
+`min_posts`), and rolls back on the first regression confirmed by an always-valid test, until
+55 minutes after the run's data interval (`deployment.guard_watch_minutes`), when the next run
+takes over. No worker slot is held while it watches.
+
 With `deployment.require_approval`, the step to 100% waits for a person instead: the rollout
 holds its traffic (still watched every hour) and `request_approval` starts one `rollout_approval`
 run per deployment awaiting approval (run id `approval__<deployment id>`; a run that exists is
@@ -23,6 +30,7 @@ from airflow.sdk import DAG, task
 
 from fine_tuning.step_graph import APPROVAL_DAG_ID
 from fine_tuning_airflow.approval import approval_requests
+from fine_tuning_airflow.guard import RolloutGuardOperator
 from fine_tuning_airflow.operators import fine_tuning_step
 
 with DAG(
@@ -42,6 +50,7 @@ with DAG(
     },
 ) as dag:
     watched = fine_tuning_step("rollout")
+    watched >> RolloutGuardOperator(task_id="guard")
 
     @task
     def awaiting_approval(manifest: dict | None) -> list[dict]:

@@ -346,6 +346,15 @@ class RollbackTriggers(_Section):
     p95_response_time_ms: float = Field(2000.0, gt=0.0)
     # Fewest candidate posts in the watch window before the triggers are judged at all.
     min_posts: int = Field(30, ge=1)
+    # The continuous guard (rollout_monitor's ``guard`` task, deferred in the triggerer): every
+    # ``guard_interval_minutes`` it judges the same three triggers on the most recent
+    # ``guard_window_minutes`` of posts (widened back until each arm has ``min_posts``), and rolls
+    # back once a trigger's value is past its threshold AND the candidate is significantly worse
+    # than the previous model by an always-valid test at ``guard_alpha`` (Bonferroni over the
+    # three triggers). Recorded with each deployment, like the thresholds.
+    guard_interval_minutes: float = Field(5.0, gt=0, le=60)
+    guard_window_minutes: float = Field(60.0, gt=0, le=24 * 60)
+    guard_alpha: float = Field(0.01, gt=0, lt=0.5)
 
 
 class DeploymentConfig(_Section):
@@ -356,6 +365,9 @@ class DeploymentConfig(_Section):
     # the rollout holds its traffic meanwhile, and no answer within the timeout is a Reject.
     require_approval: bool = False
     approval_timeout_hours: float = Field(24.0, gt=0, le=24 * 30)
+    # How long each hourly rollout_monitor run's guard keeps watching after its data interval
+    # ended (deferred in the triggerer), so that the next run takes over; 0: one look, no watch.
+    guard_watch_minutes: float = Field(55.0, ge=0, lt=60)
 
 
 class MLflowConfig(_Section):

@@ -133,6 +133,14 @@ class ServiceConnectionsHook(BaseHook):
         except AirflowNotFoundException:
             return None
 
+    async def _aconnection(self, conn_id: str) -> Any | None:
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            return await self.aget_connection(conn_id)
+        except AirflowNotFoundException:
+            return None
+
     def database_url(self) -> str | None:
         conn = self._connection(self.postgres_conn_id)
         return connection_url(conn, "postgresql") if conn else None
@@ -142,7 +150,10 @@ class ServiceConnectionsHook(BaseHook):
         return connection_url(conn, "redis") if conn else None
 
     def mlflow_tracking_uri(self) -> str | None:
-        conn = self._connection(self.mlflow_conn_id)
+        return self._tracking_uri(self._connection(self.mlflow_conn_id))
+
+    @staticmethod
+    def _tracking_uri(conn: Any | None) -> str | None:
         if conn is None or not conn.host:
             return None
         if "://" in conn.host:
@@ -151,14 +162,31 @@ class ServiceConnectionsHook(BaseHook):
 
     def apply_to(self, config: PipelineConfig) -> PipelineConfig:
         """The config with each existing connection in place of the environment's value."""
+        return self._applied(config, self.database_url(), self.redis_url(), self.mlflow_tracking_uri())
+
+    async def aapply_to(self, config: PipelineConfig) -> PipelineConfig:
+        """:meth:`apply_to` for the triggerer: the connections are looked up without blocking."""
+        postgres = await self._aconnection(self.postgres_conn_id)
+        redis_conn = await self._aconnection(self.redis_conn_id)
+        return self._applied(
+            config,
+            connection_url(postgres, "postgresql") if postgres else None,
+            connection_url(redis_conn, "redis") if redis_conn else None,
+            self._tracking_uri(await self._aconnection(self.mlflow_conn_id)),
+        )
+
+    @staticmethod
+    def _applied(
+        config: PipelineConfig, database_url: str | None, redis_url: str | None, tracking_uri: str | None
+    ) -> PipelineConfig:
         from pydantic import SecretStr
 
         services: dict[str, Any] = {}
-        if (database_url := self.database_url()) is not None:
+        if database_url is not None:
             services["database_url"] = SecretStr(database_url)
-        if (redis_url := self.redis_url()) is not None:
+        if redis_url is not None:
             services["redis_url"] = SecretStr(redis_url)
         update: dict[str, Any] = {"services": config.services.model_copy(update=services)}
-        if (tracking_uri := self.mlflow_tracking_uri()) is not None:
+        if tracking_uri is not None:
             update["mlflow"] = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
         return config.model_copy(update=update)

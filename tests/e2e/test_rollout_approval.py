@@ -75,7 +75,11 @@ def airflow(services: dict[str, Any], emulator: Any, tmp_path_factory: pytest.Te
         "REDIS_URL": services["redis_url"],
     })
     config_file = home / "training_config.json"
-    config_file.write_text(json.dumps({"mlflow": {"registered_model_name": MODEL_NAME}}))
+    # The monitor's guard watches for 18 s, looking every 3 s, in the real triggerer.
+    config_file.write_text(json.dumps({
+        "mlflow": {"registered_model_name": MODEL_NAME},
+        "deployment": {"guard_watch_minutes": 0.3, "rollback_triggers": {"guard_interval_minutes": 0.05}},
+    }))
     env["FINE_TUNING_CONFIG_FILE"] = str(config_file)
     env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
     try:

@@ -276,7 +276,7 @@ def _ramp_before(rollout: RolloutConfig, deadline: datetime, now: datetime) -> R
     return rollout.model_copy(update={"increment_interval_hours": interval, "advance_on": "clock"})
 
 
-def _shown(gate: str, value: Any) -> str:
+def shown(gate: str, value: Any) -> str:
     return f"{value:.0f} ms" if gate == "p95_response_time" else f"{value:.1%}"
 
 
@@ -313,9 +313,7 @@ def health(config: PipelineConfig, record: dict[str, Any], now: datetime) -> dic
             verdict = "fired" if (value >= threshold if inclusive else value > threshold) else "pass"
         gates.append({"gate": name, "value": value, "threshold": threshold, "verdict": verdict})
         if verdict == "fired":
-            fired.append(
-                f"{name} {_shown(name, value)} {'>=' if inclusive else '>'} {_shown(name, threshold)}"
-            )
+            fired.append(f"{name} {shown(name, value)} {'>=' if inclusive else '>'} {shown(name, threshold)}")
     return {
         "enough_data": enough,
         "fired": fired,
@@ -643,6 +641,8 @@ def rollback(
     if verdict:
         detail["metrics"] = verdict["metrics"]
         detail["gates"] = verdict["gates"]
+        if "guard" in verdict:  # the guard's look: its window
+            detail["guard"] = verdict["guard"]
     with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
         conn.execute(
             "UPDATE deployments SET status = 'rolled_back', finished_at = %s, rollback_reason = %s,"

@@ -127,6 +127,8 @@ DEMO_CONFIG = {
             "min_dwell_hours": 0.001,
         },
         "rollback_triggers": {"min_posts": 30},
+        # `airflow dags test` runs the monitor once: its guard looks once instead of watching.
+        "guard_watch_minutes": 0,
     },
 }
 

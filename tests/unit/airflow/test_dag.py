@@ -52,7 +52,8 @@ def test_weekly_shape_and_schedule(dagbag: DagBag) -> None:
 def test_rollout_monitor_runs_hourly(dagbag: DagBag) -> None:
     dag = dagbag.dags["rollout_monitor"]
     assert dag.timetable.expression == "0 * * * *"
-    assert [t.task_id for t in dag.topological_sort()] == ["rollout", "awaiting_approval", "request_approval"]
+    assert [t.task_id for t in dag.topological_sort()] == ["rollout", "guard", "awaiting_approval", "request_approval"]
+    assert dag.get_task("guard").upstream_task_ids == {"rollout"}
     request = dag.get_task("request_approval")
     assert request.partial_kwargs["trigger_dag_id"] == "rollout_approval"
     assert request.partial_kwargs["wait_for_completion"] is False
