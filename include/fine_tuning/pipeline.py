@@ -47,7 +47,7 @@ from fine_tuning.manifests import (
 )
 from fine_tuning.routing import Routing, get_routing
 from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, INPUT_TYPES, STEP_INPUTS
-from fine_tuning.track import registry
+from fine_tuning.track import outbox, registry
 from fine_tuning.train import loss_gate
 from fine_tuning.train.providers import FineTuningJobFailed, TrainingRefusedError, get_provider, job_metadata
 
@@ -683,9 +683,30 @@ def emit_serving_metrics(config: PipelineConfig, client: Any, now: datetime) -> 
     return {"model": serving, **champion}
 
 
+def drain_outbox(config: PipelineConfig) -> outbox.ReplayReport | None:
+    """Replay the MLflow outbox; MLflow still down leaves it queued (logged, not raised), and a
+    replay running elsewhere is left to finish (None)."""
+    try:
+        report = outbox.replay(config)
+    except outbox.OutboxBusy as exc:
+        log.info("MLflow outbox: %s; that replay drains it", exc)
+        return None
+    if report.replayed or report.dead:
+        log.warning(
+            "MLflow outbox: replayed %d queued operations (%d dead-lettered, %d still queued)",
+            len(report.replayed),
+            len(report.dead),
+            len(report.pending),
+        )
+    return report
+
+
 def watch_rollouts(config: PipelineConfig, ctx: RunContext) -> RolloutWatchManifest:
     """The hourly watch: advance each active rollout whose interval passed, or roll it back; and
-    take any model past its inference retirement out of the routing."""
+    take any model past its inference retirement out of the routing. First, it replays what
+    MLflow's outbox holds: after an outage the queued registrations and alias moves (the
+    champion's) reach MLflow within the hour, not at the next weekly run's first MLflow call."""
+    drain_outbox(config)
     client = redis_client(config)
     _, problems = enforce_retirements(config, client, clock.now_utc())
     emit_serving_metrics(config, client, clock.now_utc())

@@ -151,7 +151,7 @@ def choose_model(
     for Redis: while it cannot be read, the last routing this process read is served (else
     ``default``, the agent's champion), and the outage is logged once.
     """
-    routing = _read_or_remember(client, model_type)
+    routing = current_routing(client, model_type)
     if routing is None:
         return default
     arm = arm_for(routing, request_id)
@@ -166,7 +166,7 @@ def _server(client: redis.Redis) -> str:
     return f"{kwargs.get('host', kwargs.get('path', '?'))}:{kwargs.get('port', '')}/{kwargs.get('db', 0)}"
 
 
-def _read_or_remember(client: redis.Redis, model_type: str) -> Routing | None:
+def current_routing(client: redis.Redis, model_type: str) -> Routing | None:
     """The live routing; while Redis cannot be read, the last one read from it (or None)."""
     import redis as redis_lib
 

@@ -21,9 +21,10 @@ import psycopg
 from fine_tuning.config import PipelineConfig, RolloutConfig
 from fine_tuning.evaluate import ab, analysis
 from fine_tuning.infra import db
+from fine_tuning.infra.breakers import CircuitOpenError, is_breaker_failure
 from fine_tuning.infra.metrics import get_metrics
 from fine_tuning.retirement import write_routing
-from fine_tuning.routing import Routing
+from fine_tuning.routing import Routing, get_routing
 from fine_tuning.step_graph import APPROVAL_DAG_ID
 from fine_tuning.track.registry import (
     VersionNotRegistered,
@@ -169,7 +170,9 @@ def deploy(
     with db.connect(database_url) as conn:
         existing = _fetch(conn, "SELECT id FROM deployments WHERE ab_test_id = %s", (ab_test_id,))
     if existing:
-        return get_deployment(config, existing["id"])
+        record = get_deployment(config, existing["id"])
+        _reapply_routing(config, redis_client, record, now)
+        return record
     analysis = test["last_analysis"] or {}
     if test["status"] != "promote":
         raise DeploymentRefused(f"A/B test {ab_test_id} says {test['status']!r}, not 'promote'")
@@ -178,7 +181,9 @@ def deploy(
     if not test["baseline_model"]:
         raise DeploymentRefused(f"A/B test {ab_test_id} has no baseline model to restore")
     # A fine-tuned baseline can only be rolled back to if it is still in the registry.
-    if is_fine_tuned(test["baseline_model"]) and find_version_of(config, test["baseline_model"]) is None:
+    if is_fine_tuned(test["baseline_model"]) and not _restorable(
+        config, test["model_type"], test["baseline_model"]
+    ):
         raise DeploymentRefused(
             f"baseline {test['baseline_model']!r} of A/B test {ab_test_id} is not registered in MLflow "
             f"model {config.mlflow.registered_model_name!r}: a rollback could not restore it"
@@ -252,6 +257,52 @@ def deploy(
     if traffic >= rollout.max_traffic and not awaiting:
         _complete(config, redis_client, get_deployment(config, deployment_id), now)
     return get_deployment(config, deployment_id)
+
+
+def _reapply_routing(
+    config: PipelineConfig, redis_client: redis.Redis, record: dict[str, Any], now: datetime
+) -> None:
+    """A deploy run again (a retry, a cleared task) after its row was committed but before its
+    routing was written (Redis down, a kill): write the rollout's split now, or the deployment
+    would own a routing that still serves the A/B test's."""
+    if record["status"] != "rolling_out":
+        return
+    live = get_routing(redis_client, record["model_type"])
+    if live is not None and live.source == record["id"]:
+        return
+    log.warning("deployment %s: its routing was never written; writing it now", record["id"])
+    write_routing(
+        config,
+        redis_client,
+        record["model_type"],
+        Routing(record["previous_model"], record["candidate_model"], record["current_traffic"], record["id"]),
+        now,
+    )
+
+
+def _restorable(config: PipelineConfig, model_type: str, baseline: str) -> bool:
+    """Whether a rollback could restore ``baseline``: it has a version in MLflow's registry.
+
+    While MLflow cannot answer (down, a 5xx, its breaker open), the pipeline's own record stands
+    in: a baseline that a completed rollout put at 100% was registered by this pipeline (in MLflow,
+    or queued in the outbox that replays it), so a promoted candidate is not held back a whole
+    outage. Any other baseline is refused, as it would be with MLflow up and the version gone.
+    """
+    try:
+        return find_version_of(config, baseline) is not None
+    except Exception as exc:
+        if not (isinstance(exc, CircuitOpenError) or is_breaker_failure(exc)):
+            raise
+        if serving_model(config, model_type) != baseline:
+            raise
+        log.error(
+            "MLflow cannot say whether baseline %s is registered (%s: %s); the pipeline's record has it"
+            " at 100%% (a completed rollout), so a rollback can restore it",
+            baseline,
+            type(exc).__name__,
+            exc,
+        )
+        return True
 
 
 def _ramp_before(rollout: RolloutConfig, deadline: datetime, now: datetime) -> RolloutConfig:

@@ -86,7 +86,8 @@ def simulate_rollout(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     url = config.services.database_url.get_secret_value()
-    candidate = f"ft:gpt-4o-mini-2024-07-18:org:sim:{uuid.uuid4().hex[:8]}"
+    # Named by the seed and the start: the same arguments route the same posts the same way.
+    candidate = f"ft:gpt-4o-mini-2024-07-18:org:sim:{seed:x}-{start:%Y%m%d%H%M}"
     deployment = rollout.deploy(config, redis_client, promoted_test(config, candidate, start), start)
     deployment_id = deployment["id"]
     per_tick = max(1, round(posts_per_hour * TICK.total_seconds() / 3600))

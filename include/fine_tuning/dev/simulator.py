@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from fine_tuning.config import TrainingConfig
 from fine_tuning.infra import db
-from fine_tuning.routing import arm_for, get_routing
+from fine_tuning.routing import arm_for, current_routing
 
 if TYPE_CHECKING:
     import redis
@@ -95,7 +95,8 @@ def simulate_traffic(
     rng = random.Random(seed)
     price_of = price_of or TrainingConfig().inference_price
     # One read of the routing per batch: a batch stands for a short slice of the agent's traffic.
-    routing = get_routing(redis_client, model_type)
+    # Read as the agent's choose_model reads it: while Redis is down, the last routing read.
+    routing = current_routing(redis_client, model_type)
     counts: dict[str, int] = {}
     span = (end - start).total_seconds()
     with db.connect(database_url) as conn, conn.cursor() as cursor, cursor.copy(COPY_POSTS) as copy:
