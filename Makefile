@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv promtool browser demo test test-fast test-random mutation serve bench soak lint clean
+.PHONY: venv promtool browser demo test test-fast test-random mutation serve bench soak lifecycle lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-selfhosted.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench: venv
 soak: venv
 	SOAK_RUNS=$${SOAK_RUNS:-20} $(PY) bench/fault_soak.py
 	$(PY) bench/breaker_overhead.py
+
+## weeks of the loop, unattended, with faults and hourly invariant checks (LIFECYCLE_WEEKS, default 8);
+## bench/results/lifecycle.json, exit 1 on any violation. make test runs a 2-week version.
+lifecycle: venv
+	$(PY) -m fine_tuning.dev.lifecycle --weeks $${LIFECYCLE_WEEKS:-8}
 
 ## mutation check (mutmut, not run by CI) of stats, breakers, routing and rollout against their
 ## unit tests (bench/mutmut.toml); needs the local PostgreSQL and Redis. MUTMUT_ARGS="name*" picks

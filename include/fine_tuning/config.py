@@ -355,6 +355,11 @@ class RollbackTriggers(_Section):
     guard_interval_minutes: float = Field(5.0, gt=0, le=60)
     guard_window_minutes: float = Field(60.0, gt=0, le=24 * 60)
     guard_alpha: float = Field(0.01, gt=0, lt=0.5)
+    # Posts of each arm the guard's window holds at least. The harm tests of a proportion rest on
+    # a normal approximation that needs events to count: at the 5% error trigger, 200 posts
+    # expect 10. With min_posts (30) a window of 3 errors in 35 posts passed for "significant"
+    # (bench/guard_bench.py: 2 of 30 as-good candidates rolled back by the guard).
+    guard_min_posts: int = Field(200, ge=1)
 
 
 class DeploymentConfig(_Section):

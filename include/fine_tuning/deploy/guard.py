@@ -4,7 +4,7 @@ The hourly health check (:func:`fine_tuning.deploy.rollout.watch`) judges the tr
 post since the last step, up to a day of them, so a candidate that goes bad late in a stage hides
 in its own good hours. The guard looks every ``guard_interval_minutes`` (5) at a sliding window:
 the most recent ``guard_window_minutes`` (60) of posts, widened back (never before the rollout
-started) until each arm has ``min_posts``, so that a quiet hour is still judged on enough posts.
+started) until each arm has ``guard_min_posts``, so that a quiet hour is still judged on enough posts.
 
 A trigger fires only when both hold, on that window:
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 GATES = ("engagement_rate_drop", "error_rate", "p95_response_time")
 
-# The start of the window: the k-th most recent post of each arm (k = min_posts), found through
+# The start of the window: the k-th most recent post of each arm (k = guard_min_posts), found through
 # posts_model_ts_idx; NULL when an arm has fewer posts since the floor.
 WINDOW_QUERY = """
     SELECT (SELECT ts FROM posts WHERE model_id = %(candidate)s AND ts >= %(floor)s AND ts < %(end)s
@@ -107,12 +107,12 @@ def _window(conn: Any, record: dict[str, Any], triggers: RollbackTriggers, now: 
             "baseline": record["previous_model"],
             "floor": floor,
             "end": now,
-            "skip": triggers.min_posts - 1,
+            "skip": triggers.guard_min_posts - 1,
         },
     ).fetchone()
     start = recent
     for kth in row or ():
-        # An arm without min_posts since the floor widens the window to the floor itself.
+        # An arm without guard_min_posts since the floor widens the window to the floor itself.
         start = min(start, kth if kth is not None else floor)
     return max(start, floor)
 
@@ -139,7 +139,7 @@ def judge(config: PipelineConfig, record: dict[str, Any], now: datetime) -> Guar
         }
     verdict = GuardVerdict(record["id"], start, now, arms)
     b, c = arms["baseline"], arms["candidate"]
-    enough = c["posts"] >= triggers.min_posts and b["posts"] >= triggers.min_posts
+    enough = c["posts"] >= triggers.guard_min_posts and b["posts"] >= triggers.guard_min_posts
     alpha = triggers.guard_alpha / len(GATES)
     with np.errstate(divide="ignore", invalid="ignore"):  # statsmodels' ratios of an arm without errors
         gates = _gates(triggers, b, c, enough)

@@ -103,7 +103,9 @@ SIM_CONFIG: dict[str, Any] = {
 class CandidatePlan:
     kind: str  # better / equal / worse / broken, against the champion it is tested against
     regression: str | None = None  # worse / broken / slow once rolled out
-    regress_after_hours: float = 3.0
+    # During the rollout's first stage: a regression after it completed is the champion's
+    # (ModelPerformanceDegradation's), not the rollout guard's.
+    regress_after_hours: float = 1.0
     faults: tuple[str, ...] = ()  # mlflow_down, redis_down, kill_ab_create, kill_rollout, openai_5xx
 
 
@@ -556,11 +558,12 @@ class Lifecycle:
         if current is not None:
             self.advance_week(current)
             test = current.manifests.get("ab-create")
-            # Redis goes down 6 hours into the A/B test: the agent has read the split by then.
+            # Redis goes down for 3 hours from the A/B test's second hour (the agent has read the
+            # split): the looks, the decision's routing write and a deploy may fall in it.
             if (
                 "redis_down" in current.plan.faults
                 and test is not None
-                and self.now >= test.started_at + timedelta(hours=6)
+                and self.now >= test.started_at + timedelta(hours=1)
                 and not any(e.endswith(f"week {current.index}: Redis down") for e in self.events)
             ):
                 self.faults.redis_outage(self.now + timedelta(hours=3))
@@ -692,6 +695,7 @@ def simulate(
             if w.deployment_id
         },
         "step_failures": dict(world.step_failures),
+        "jobs": {w.index: w.manifests["train"].job_id for w in world.weeks if "train" in w.manifests},
         "posts": world.posts_made,
         "events": world.events,
         "seconds": round(time.perf_counter() - started, 1),

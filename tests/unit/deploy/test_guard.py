@@ -97,13 +97,13 @@ def test_the_window_widens_back_on_quiet_traffic_but_not_before_the_rollout(
     deployment = rollout.deploy(config, client, rollout_sim.promoted_test(config, candidate, T0), T0)
     url = config.services.database_url.get_secret_value()
     behaviours = {rollout_sim.BASELINE: ModelBehaviour(), candidate: ModelBehaviour()}
-    # 100 posts/h: the last hour has ~10 candidate posts, fewer than min_posts (30).
+    # 500 posts/h: the last hour has ~50 candidate posts, fewer than guard_min_posts (200).
     simulate_traffic(url, client, model_type="body", default_model=rollout_sim.BASELINE, behaviours=behaviours,
-                     requests=600, start=T0, end=T0 + timedelta(hours=6), seed=8)
+                     requests=3000, start=T0, end=T0 + timedelta(hours=6), seed=8)
     record = rollout.get_deployment(config, deployment["id"])
     look = guard.judge(config, record, T0 + timedelta(hours=6))
     assert look.window_start < T0 + timedelta(hours=5)
-    assert look.arms["candidate"]["posts"] >= 30 and look.arms["baseline"]["posts"] >= 30
-    # Two hours after the start there are not 30 candidate posts at all: the window is the rollout.
+    assert look.arms["candidate"]["posts"] >= 200 and look.arms["baseline"]["posts"] >= 200
+    # Two hours after the start there are not 200 candidate posts at all: the window is the rollout.
     early = guard.judge(config, record, T0 + timedelta(hours=2))
     assert early.window_start == T0 and {g["verdict"] for g in early.gates} == {"no_data"}

@@ -1,0 +1,46 @@
+"""``make lifecycle``'s short version: two simulated weeks of the loop with faults, on the real
+services, checked every simulated hour (see :mod:`fine_tuning.dev.lifecycle`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from mlflow import MlflowClient
+
+from fine_tuning.dev import lifecycle
+from fine_tuning.infra import db
+from fine_tuning.routing import get_routing
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_weeks_with_faults_keep_every_invariant(
+    pg_url: str, redis_db: str, mlflow_uri: str, openai_env, tmp_path: Path
+) -> None:
+    with db.connect(pg_url) as conn:
+        db.migrate(conn)
+    report = lifecycle.simulate(
+        weeks=2, schedule=lifecycle.SHORT_SCHEDULE, database_url=pg_url, redis_url=redis_db,
+        mlflow_uri=mlflow_uri, openai_base_url=openai_env.base_url, emulator_admin_url=openai_env.admin_url,
+        data_dir=tmp_path / "data",
+    )
+    assert report["violations"] == [], lifecycle.summary(report)
+    # Every hour of the two weeks was checked, and every fault of the short schedule happened.
+    assert report["invariant_checks"] >= 2 * 7 * 24
+    assert {name: report["faults"].get(name, 0) >= 1 for name in ("openai_5xx", "kill", "mlflow_down", "redis_down")} \
+        == dict.fromkeys(("openai_5xx", "kill", "mlflow_down", "redis_down"), True), report["faults"]
+    # What the simulation saw, seen again from outside it: the first week's candidate went through
+    # (the 5xx burst and the kill did not stop it) and the emulator trained one job per week that
+    # reached training; the routing ends with one model at 100%, MLflow's champion if any.
+    assert report["weeks_ended"][0] == "deployed", report
+    jobs = openai_env.state()["jobs"]
+    emulated = {job["id"] for job in (jobs.values() if isinstance(jobs, dict) else jobs)}
+    assert emulated == set(report["jobs"].values()) and 0 in report["jobs"], (emulated, report["jobs"])
+    routing = get_routing(redis.Redis.from_url(redis_db), "body")
+    assert routing is not None and routing.candidate_share == 0
+    models = {v.tags.get("fine_tuned_model") for v in MlflowClient(mlflow_uri).search_model_versions()}
+    assert routing.baseline_model == lifecycle.BASELINE or routing.baseline_model in models
+    for rollback in report["rollbacks"]:  # a regression is switched back within the hour
+        assert rollback["onset_to_switch_minutes"] <= 60, rollback
