@@ -60,6 +60,7 @@ bench: venv
 	$(PY) bench/cache_bench.py
 	$(PY) bench/parse_time.py
 	$(PY) bench/decision_bench.py
+	$(PY) bench/guard_bench.py
 
 ## the training half under injected OpenAI faults (0/10/30/50%); SOAK_RUNS per rate (default 20)
 soak: venv

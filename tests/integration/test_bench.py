@@ -122,3 +122,18 @@ def test_digest_set_is_a_set_across_merges(monkeypatch: pytest.MonkeyPatch) -> N
         digests.add(value)
     assert all(value in digests for value in added)
     assert not any(value in digests for value in others)
+
+
+@pytest.mark.slow
+def test_guard_bench(tmp_path: Path) -> None:
+    env = {**os.environ, "BENCH_GUARD_REPS": "1", "BENCH_GUARD_EQUAL_REPS": "1", "BENCH_RESULTS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "guard_bench.py")], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "guard.json").read_text())["results"]
+    assert set(results) == {f"{k}/{m}" for k in ("worse", "broken", "slow") for m in ("guard", "hourly_only")} | {
+        "equal/guard"
+    }
+    # A 30% error rate is rolled back by the guard when it watches, by the hourly check alone when not.
+    assert (results["broken/guard"]["rolled_back"], results["broken/guard"]["by_guard"]) == (1, 1)
+    assert (results["broken/hourly_only"]["rolled_back"], results["broken/hourly_only"]["by_guard"]) == (1, 0)

@@ -401,6 +401,9 @@ def watch(
         # Full traffic already, not recorded completed: a completion was interrupted; finish it.
         _complete(config, redis_client, record, now)
         return get_deployment(config, deployment_id)
+    # The routing this rollout owns may never have been written (its deploy failed on Redis):
+    # each health check writes it again if it is not the rollout's.
+    _reapply_routing(config, redis_client, record, now)
     verdict = health(config, record, now)
     detected = time.perf_counter()
     if verdict["fired"]:
