@@ -482,6 +482,14 @@ class Lifecycle:
     def check_rollouts(self) -> None:
         """Each deployment that ended: a regressing one rolled back, and how fast."""
         for week in self.weeks:
+            if week.deployment_id is None and "ab-create" in week.manifests:
+                # A deploy whose task failed after its row was committed (Redis down): the rollout
+                # is live all the same, under the monitor.
+                found = rollout.deployment_of_test(self.config, week.manifests["ab-create"].ab_test_id)
+                if found:
+                    week.deployment_id = found
+                    week.deployed_at = rollout.get_deployment(self.config, found)["started_at"]
+                    self.note(f"week {week.index}: its deploy task failed, its rollout {found} is live")
             if not week.deployment_id or week.index in self._judged:
                 continue
             record = rollout.get_deployment(self.config, week.deployment_id)
