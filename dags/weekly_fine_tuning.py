@@ -11,6 +11,10 @@ Every step is a function of the `fine_tuning` library and a subcommand of
 `python -m fine_tuning`; `FINE_TUNING_MODE` picks whether steps run in the worker (`local`) or
 as pods (`kubernetes`). Params left empty keep the configured value (defaults < ConfigMap JSON
 < environment < these params). Too few examples skips the run; it does not fail it.
+
+One owner of the routing per model type: while an A/B test or a rollout owns it, `ab_create`
+waits in the triggerer; next week's run trains meanwhile, and its newer candidate supersedes the
+waiting one (skipped, tagged `superseded` in MLflow, recorded in `candidate_queue`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ with DAG(
     schedule="0 2 * * 0",
     start_date=pendulum.datetime(2026, 1, 4, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    # Two: while this week's candidate waits for the routing (last week's A/B test or rollout
+    # owns it), next week's run trains; its candidate then supersedes the waiting one
+    # (fine_tuning.evaluate.ab.queue_candidate), so at most one candidate ever waits.
+    max_active_runs=2,
     tags=["fine-tuning", "mlops", "openai"],
     default_args={
         "owner": "ml-platform",

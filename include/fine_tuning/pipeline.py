@@ -422,6 +422,16 @@ def ab_create(config: PipelineConfig, ctx: RunContext, registered: RegistrationM
     test is recorded and no traffic is routed.
     """
     now = clock.now_utc()
+    # Before anything is loaded or routed: a candidate overtaken while it waited stops here.
+    ab.queue_candidate(
+        config,
+        candidate_model=registered.fine_tuned_model,
+        candidate_version=registered.model_version,
+        dag_id=ctx.dag_id,
+        run_id=ctx.run_id,
+        data_end=ctx.window_end,
+        now=now,
+    )
     baseline = baseline_model(config, now=now)
     serve_adapters(config, [baseline, registered.fine_tuned_model])
     test = ab.create_ab_test(

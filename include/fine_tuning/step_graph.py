@@ -25,6 +25,9 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 # 3 a refusal no retry can fix (over the cost limit, a provider closed to new jobs): failed at once.
 EXIT_REFUSED = 3
+# 75 (EX_TEMPFAIL) ab-create found the routing owned by another A/B test or a rollout: the task
+# waits in the triggerer and runs the step again (not a failure, no retry spent).
+EXIT_WAITING = 75
 # 99 skipped (too little data, a rejected candidate): the task is marked skipped, not failed.
 EXIT_SKIPPED = 99
 # Where a skipped task leaves why (an XCom key): the run's status says it instead of showing the

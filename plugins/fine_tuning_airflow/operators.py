@@ -108,7 +108,7 @@ class FineTuningStepOperator(CircuitBreakerOperator):
     def execute_guarded(self, context: Context, config: PipelineConfig) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from fine_tuning.evaluate.ab import RoutingOwned
+        from fine_tuning.evaluate.ab import CandidateSuperseded, RoutingOwned
         from fine_tuning.pipeline import CandidateRejected, InsufficientDataError, run_step
         from fine_tuning.step_graph import STEP_INPUTS, task_id
 
@@ -119,7 +119,7 @@ class FineTuningStepOperator(CircuitBreakerOperator):
             self._wait_for_routing(exc)
         except InsufficientDataError as exc:
             raise AirflowSkipException(record_skip(context, f"not enough training data: {exc}")) from exc
-        except CandidateRejected as exc:
+        except (CandidateRejected, CandidateSuperseded) as exc:
             raise AirflowSkipException(record_skip(context, str(exc))) from exc
         except Exception as exc:
             raise _fail_fast(exc) from exc

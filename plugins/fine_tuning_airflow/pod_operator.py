@@ -6,20 +6,27 @@ and every other failure into a retryable ``AirflowException``; it has no "fail o
 So :meth:`StepPodOperator.cleanup` reads the step container's exit code after the provider has
 cleaned up and turns the CLI's fail-fast codes (2 bad input, 3 refused) into
 ``AirflowFailException``: the task fails at once, its retries are not spent on a pod that would
-exit the same way.
+exit the same way. Exit 75 (``ab-create`` found the routing owned) defers the task, as the local
+operator does, and a new pod runs the step once the wait is over.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from fine_tuning.step_graph import FAIL_FAST_EXIT_CODES
+from fine_tuning.step_graph import EXIT_WAITING, FAIL_FAST_EXIT_CODES
 from fine_tuning_airflow.breaker_operator import CircuitBreakerOperator
-from fine_tuning_airflow.operators import PROVIDER_STEPS, provider_breakers, resolve_config
+from fine_tuning_airflow.operators import (
+    PROVIDER_STEPS,
+    FineTuningStepOperator,
+    provider_breakers,
+    resolve_config,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -69,8 +76,21 @@ class StepPodOperator(CircuitBreakerOperator, KubernetesPodOperator):
             raise
         except AirflowException as exc:
             code = pod_exit_code(remote_pod, self.base_container_name)
+            if code == EXIT_WAITING:
+                self._wait_for_routing(exc)
             if code in FAIL_FAST_EXIT_CODES:
                 raise AirflowFailException(
                     f"step {self.step}: {FAIL_FAST_EXIT_CODES[code]} (exit {code}), not retried. {exc}"
                 ) from exc
             raise
+
+    def _wait_for_routing(self, exc: Exception) -> NoReturn:
+        from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+        poll = FineTuningStepOperator.ROUTING_POLL
+        self.log.warning("step %s waits for the routing's owner, again in %s: %s", self.step, poll, exc)
+        self.defer(trigger=DateTimeTrigger(moment=datetime.now(UTC) + poll), method_name="execute_after_wait")
+
+    def execute_after_wait(self, context: Context, event: Any = None) -> Any:
+        """The routing's owner may be done: a new pod runs the step again (it is idempotent)."""
+        return self.execute(context)

@@ -32,6 +32,7 @@ from fine_tuning import clock
 from fine_tuning.cli.analyze import main as analyze_main
 from fine_tuning.config import ConfigError, PipelineConfig, load_config
 from fine_tuning.deploy import rollout
+from fine_tuning.evaluate.ab import CandidateSuperseded, RoutingOwned
 from fine_tuning.infra import db
 from fine_tuning.infra.redis import redis_client
 from fine_tuning.manifests import RunContext
@@ -44,7 +45,7 @@ from fine_tuning.pipeline import (
     run_step,
 )
 from fine_tuning.pipeline import health as pipeline_health
-from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SKIPPED
+from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SKIPPED, EXIT_WAITING
 
 TERMINATION_LOG_ENV = "FINE_TUNING_TERMINATION_LOG"
 
@@ -172,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RunContext(dag_id=args.dag_id, run_id=args.run_id, window_end=args.window_end)
     try:
         manifest = run_step(args.command, config, ctx, dict(args.input))
-    except (InsufficientDataError, CandidateRejected) as exc:
+    except (InsufficientDataError, CandidateRejected, CandidateSuperseded) as exc:
         logging.getLogger("fine_tuning").warning("skipping the rest of the run: %s", exc)
         return EXIT_SKIPPED
+    except RoutingOwned as exc:  # the pod operator defers and runs the step again
+        return _fail(EXIT_WAITING, f"{args.command}: {exc}")
     except Exception as exc:
         code = exit_code_for(exc)
         if code == EXIT_FAILED:  # unexpected: the traceback goes to the pod's log

@@ -24,6 +24,7 @@ from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
 from fine_tuning.retirement import served_routing, write_routing
 from fine_tuning.routing import Routing, set_routing
+from fine_tuning.track import registry
 
 if TYPE_CHECKING:
     import redis
@@ -64,6 +65,114 @@ def routing_owner(conn: Any, model_type: str) -> str | None:
         {"type": model_type},
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+class CandidateSuperseded(ABTestError):
+    """A candidate trained on newer data reached the routing's queue while this one waited: this
+    one is never tested (the run skips the rest), and MLflow and ``candidate_queue`` say by whom."""
+
+    def __init__(self, candidate_model: str, by: str) -> None:
+        super().__init__(
+            f"{candidate_model} waited for the routing and was superseded by {by}, trained on newer data:"
+            " it will not be A/B tested"
+        )
+        self.candidate_model = candidate_model
+        self.by = by
+
+
+def _routing_lock(conn: Any, model_type: str) -> None:
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('fine_tuning:routing:' || %s))", (model_type,))
+
+
+def queue_candidate(
+    config: PipelineConfig,
+    *,
+    candidate_model: str,
+    candidate_version: str | None,
+    dag_id: str,
+    run_id: str,
+    data_end: datetime,
+    now: datetime,
+) -> None:
+    """A weekly run's candidate takes its place in the queue for the routing of its model type.
+
+    The policy for overlapping weeks: only the newest candidate waits. While the routing is owned
+    (a 7-day A/B test, a 9-day rollout) the next weeks keep training; when a candidate trained on
+    newer data (a later ``data_end``) joins, the older ones still waiting are superseded — they
+    would be tested against a champion they were not trained after, on traffic the newer one
+    would use better. A candidate whose test already started is never superseded.
+
+    Called before every attempt of ``ab_create``; idempotent (a candidate joins once).
+
+    :raises CandidateSuperseded: a newer candidate is waiting or was started: this one stops
+        here; its MLflow version is tagged ``superseded`` (through the outbox).
+    """
+    model_type = config.evaluation.model_type
+    superseded: list[tuple[str, str | None, str]] = []  # (model, version, by)
+    with db.connect(config.services.database_url.get_secret_value()) as conn, conn.transaction():
+        _routing_lock(conn, model_type)
+        # A run whose test was created before the queue existed joins as started.
+        conn.execute(
+            """
+            INSERT INTO candidate_queue (candidate_model, model_type, candidate_version, dag_id, run_id,
+                                         data_end, queued_at, status, ab_test_id)
+            SELECT %(model)s, %(type)s, %(version)s, %(dag)s, %(run)s, %(end)s, %(now)s,
+                   CASE WHEN t.id IS NULL THEN 'waiting' ELSE 'started' END, t.id
+            FROM (SELECT 1) AS one LEFT JOIN ab_tests t ON t.dag_id = %(dag)s AND t.run_id = %(run)s
+            ON CONFLICT DO NOTHING
+            """,
+            {
+                "model": candidate_model,
+                "type": model_type,
+                "version": candidate_version,
+                "dag": dag_id,
+                "run": run_id,
+                "end": data_end,
+                "now": now,
+            },
+        )
+        row = conn.execute(
+            "SELECT status, superseded_by, data_end FROM candidate_queue WHERE candidate_model = %s",
+            (candidate_model,),
+        ).fetchone()
+        if row is None:  # another candidate is queued under this (dag_id, run_id)
+            raise ABTestError(f"run {dag_id}/{run_id} queued another candidate than {candidate_model}")
+        status, by, mine = row
+        if status == "waiting":
+            newer = conn.execute(
+                """
+                SELECT candidate_model FROM candidate_queue
+                WHERE model_type = %s AND status IN ('waiting', 'started') AND data_end > %s
+                ORDER BY data_end DESC LIMIT 1
+                """,
+                (model_type, mine),
+            ).fetchone()
+            if newer is not None:  # this run was late: a newer candidate is already in the queue
+                status, by = "superseded", str(newer[0])
+                conn.execute(
+                    "UPDATE candidate_queue SET status = 'superseded', superseded_by = %s, decided_at = %s"
+                    " WHERE candidate_model = %s",
+                    (by, now, candidate_model),
+                )
+            else:
+                for model, version in conn.execute(
+                    """
+                    UPDATE candidate_queue SET status = 'superseded', superseded_by = %s, decided_at = %s
+                    WHERE model_type = %s AND status = 'waiting' AND candidate_model <> %s AND data_end <= %s
+                    RETURNING candidate_model, candidate_version
+                    """,
+                    (candidate_model, now, model_type, candidate_model, mine),
+                ).fetchall():
+                    superseded.append((model, version, candidate_model))
+        if status == "superseded":
+            superseded.append((candidate_model, candidate_version, str(by)))
+    # After the commit: the queue is the record; MLflow's tags follow through the outbox (a
+    # crash in between is repaired by the superseded run's next attempt, which asks again).
+    for model, version, newer_model in superseded:
+        log.warning("candidate %s is superseded by %s, trained on newer data", model, newer_model)
+        registry.mark_superseded(config, version, model, newer_model)
+    if status == "superseded":
+        raise CandidateSuperseded(candidate_model, str(by))
 
 
 class UnknownABTest(LookupError):
@@ -330,9 +439,12 @@ def create_ab_test(
     with db.connect(database_url) as conn, conn.transaction():
         # One owner of the routing per model type, enforced here, where it is written: the lock
         # makes two concurrent creations take turns, and the second sees the first as owner.
-        conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('fine_tuning:routing:' || %s))", (evaluation.model_type,)
-        )
+        _routing_lock(conn, evaluation.model_type)
+        queued = conn.execute(
+            "SELECT status, superseded_by FROM candidate_queue WHERE candidate_model = %s", (candidate_model,)
+        ).fetchone()
+        if queued is not None and queued[0] == "superseded":  # overtaken since it joined the queue
+            raise CandidateSuperseded(candidate_model, str(queued[1]))
         owner = routing_owner(conn, evaluation.model_type)
         if owner is not None:
             raise RoutingOwned(evaluation.model_type, owner)
@@ -365,6 +477,11 @@ def create_ab_test(
         conn.execute(
             "UPDATE ab_tests SET started_at = %s, planned_end_at = %s WHERE id = %s",
             (started, started + duration, ab_test_id),
+        )
+        conn.execute(
+            "UPDATE candidate_queue SET status = 'started', ab_test_id = %s, decided_at = %s"
+            " WHERE candidate_model = %s AND status = 'waiting'",
+            (ab_test_id, started, candidate_model),
         )
     return get_ab_test(config, ab_test_id)
 

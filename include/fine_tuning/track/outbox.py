@@ -51,6 +51,7 @@ OPERATIONS: dict[str, str] = {
     "register_candidate": "fine_tuning.track.registry:apply_registration",
     "champion_alias": "fine_tuning.track.registry:apply_champion",
     "demote_candidate": "fine_tuning.track.registry:apply_demotion",
+    "supersede_candidate": "fine_tuning.track.registry:apply_supersession",
 }
 
 

@@ -517,6 +517,15 @@ def demote_candidate(
     return submit(config, "demote_candidate", f"demote:{key}", payload)
 
 
+def mark_superseded(config: PipelineConfig, version: str | None, model: str, by: str) -> SubmitResult:
+    """A candidate that waited for the routing and was overtaken by ``by`` (trained on newer
+    data): its version is tagged ``deployment_status=superseded`` and ``superseded_by``, and loses
+    ``challenger`` if it had it. Through the outbox, like :func:`promote_champion`; keyed by the
+    model, so the waiting run and the run that overtook it can both ask and it happens once."""
+    payload = {"version": version, "model": model, "by": by}
+    return submit(config, "supersede_candidate", f"supersede:{model}", payload)
+
+
 class VersionNotRegistered(LookupError):
     """MLflow answered, and no version of the registered model is this fine-tuned model."""
 
@@ -564,6 +573,17 @@ def apply_demotion(config: PipelineConfig, payload: dict[str, Any]) -> dict[str,
     client.set_model_version_tag(name, version, "rollback_reason", payload["reason"])
     _drop_challenger(client, name, config.mlflow.candidate_alias, version)
     return {"version": version, "demoted": True}
+
+
+def apply_supersession(config: PipelineConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """Tag a superseded version and take ``challenger`` off it (idempotent)."""
+    client = make_client(config)
+    name = config.mlflow.registered_model_name
+    version = _version_of(config, payload)
+    client.set_model_version_tag(name, version, "deployment_status", "superseded")
+    client.set_model_version_tag(name, version, "superseded_by", payload["by"])
+    _drop_challenger(client, name, config.mlflow.candidate_alias, version)
+    return {"version": version, "superseded_by": payload["by"]}
 
 
 class ChampionUnknown(RuntimeError):

@@ -22,8 +22,9 @@ def test_no_import_errors(dagbag: DagBag) -> None:
     assert "weekly_fine_tuning" in dagbag.dags
 
 
-# The approval's runs wait up to a day each: one per model type may wait at once.
-MAX_ACTIVE_RUNS = {"rollout_approval": 2}
+# The approval's runs wait up to a day each: one per model type may wait at once. The weekly run:
+# next week trains while this week's candidate waits for the routing (and supersedes it).
+MAX_ACTIVE_RUNS = {"rollout_approval": 2, "weekly_fine_tuning": 2}
 
 
 def test_every_dag_follows_the_rules(dagbag: DagBag) -> None:

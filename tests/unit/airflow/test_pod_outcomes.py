@@ -21,7 +21,7 @@ from kubernetes.client import models as k8s
 
 from fine_tuning.config import load_config
 from fine_tuning.infra.breakers import CircuitOpenError, get_breaker
-from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED
+from fine_tuning.step_graph import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED, EXIT_WAITING
 from fine_tuning_airflow.operators import fine_tuning_step
 from fine_tuning_airflow.pod_operator import StepPodOperator
 
@@ -153,6 +153,29 @@ def test_the_pods_exit_code_is_the_tasks_outcome(
     # The provider's own cleanup ran first: the kept pod is labelled as checked, not deleted.
     assert "PATCH /api/v1/namespaces/fine-tuning/pods/fine-tuning-upload-abc" in kube_config[1]
     assert not [r for r in kube_config[1] if r.startswith("DELETE")]
+
+
+def test_an_ab_create_pod_that_found_the_routing_owned_waits_in_the_triggerer(
+    kube_config: tuple[str, list[str]],
+) -> None:
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from fine_tuning_airflow.operators import FineTuningStepOperator
+
+    operator = step_pod("ab-create")
+    operator.in_cluster, operator.config_file = False, kube_config[0]
+    pod = finished_pod(EXIT_WAITING, "exit 75: ab-create: the routing of content is owned by rollout r-1")
+    _PodAPI.pod = ApiClient().sanitize_for_serialization(pod)
+    before = datetime.now(UTC)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.cleanup(pod, pod)
+    # Not a failure (no retry spent): the task sleeps in the triggerer, then a new pod runs the step.
+    assert isinstance(deferred.value.trigger, DateTimeTrigger)
+    assert deferred.value.method_name == "execute_after_wait"
+    wake = deferred.value.trigger.moment
+    assert before + FineTuningStepOperator.ROUTING_POLL <= wake <= datetime.now(UTC) + FineTuningStepOperator.ROUTING_POLL
+    assert "PATCH /api/v1/namespaces/fine-tuning/pods/fine-tuning-upload-abc" in kube_config[1]
 
 
 def test_the_pod_writes_its_reason_where_kubernetes_reads_it() -> None:
