@@ -67,10 +67,10 @@ soak: venv
 	SOAK_RUNS=$${SOAK_RUNS:-20} $(PY) bench/fault_soak.py
 	$(PY) bench/breaker_overhead.py
 
-## weeks of the loop, unattended, with faults and hourly invariant checks (LIFECYCLE_WEEKS, default 8);
+## weeks of the loop, unattended, with faults and hourly invariant checks (LIFECYCLE_WEEKS, default 9);
 ## bench/results/lifecycle.json, exit 1 on any violation. make test runs a 2-week version.
 lifecycle: venv
-	$(PY) -m fine_tuning.dev.lifecycle --weeks $${LIFECYCLE_WEEKS:-8}
+	$(PY) -m fine_tuning.dev.lifecycle --weeks $${LIFECYCLE_WEEKS:-9}
 
 ## mutation check (mutmut, not run by CI) of stats, breakers, routing and rollout against their
 ## unit tests (bench/mutmut.toml); needs the local PostgreSQL and Redis. MUTMUT_ARGS="name*" picks

@@ -20,7 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from fine_tuning.config import PipelineConfig
 from fine_tuning.dev.devstack import airflow_standalone, stop_group  # noqa: F401 - the tests' names
+from fine_tuning.manifests import RegistrationManifest
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "include" / "monitoring"
@@ -176,3 +178,18 @@ def token(username: str, role: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {jwt}"}
 
 
+def registered_version(config: PipelineConfig, model: str) -> RegistrationManifest:
+    """A registered version of ``model`` (as ``register`` leaves it), with ``challenger``."""
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(config.mlflow.tracking_uri)
+    name = config.mlflow.registered_model_name
+    if not mlflow.search_registered_models(f"name = '{name}'"):
+        mlflow.create_registered_model(name)
+    run = mlflow.create_run(mlflow.get_experiment_by_name("Default").experiment_id)
+    version = mlflow.create_model_version(
+        name, source=f"runs:/{run.info.run_id}/m", run_id=run.info.run_id, tags={"fine_tuned_model": model}
+    )
+    mlflow.set_registered_model_alias(name, "challenger", version.version)
+    return RegistrationManifest(mlflow_run_id=run.info.run_id, experiment_id="0", model_name=name,
+                                model_version=version.version, alias="challenger", fine_tuned_model=model)

@@ -262,13 +262,19 @@ def deploy(
 def _reapply_routing(
     config: PipelineConfig, redis_client: redis.Redis, record: dict[str, Any], now: datetime
 ) -> None:
-    """A deploy run again (a retry, a cleared task) after its row was committed but before its
-    routing was written (Redis down, a kill): write the rollout's split now, or the deployment
-    would own a routing that still serves the A/B test's."""
+    """A deploy or a step run again (a retry, a cleared task, the next health check) after its
+    row was committed but before its routing was written (Redis down, a kill): write the
+    rollout's split now, or the deployment would own a routing that still serves the A/B test's,
+    or the stage before the one recorded."""
     if record["status"] != "rolling_out":
         return
     live = get_routing(redis_client, record["model_type"])
-    if live is not None and live.source == record["id"]:
+    if (
+        live is not None
+        and live.source == record["id"]
+        and live.candidate_model == record["candidate_model"]
+        and abs(live.candidate_share - record["current_traffic"]) < 1e-9
+    ):
         return
     log.warning("deployment %s: its routing was never written; writing it now", record["id"])
     write_routing(
@@ -659,6 +665,18 @@ def _complete(
     log.info("deployment %s completed: %s is the champion", record["id"], record["candidate_model"])
 
 
+def _demote(config: PipelineConfig, record: dict[str, Any], reason: str) -> None:
+    if not (record["candidate_version"] or is_fine_tuned(record["candidate_model"])):
+        return
+    # The routing is already back and recorded: an MLflow outage must not turn a done rollback
+    # into an error. The alias move goes through the outbox (queued while MLflow is down,
+    # replayed by the next MLflow-bound step); MLflow refusing it is logged.
+    try:
+        demote_candidate(config, record["candidate_version"], record["candidate_model"], reason, record["id"])
+    except Exception as exc:  # noqa: BLE001
+        log.error("rollback %s done, but MLflow refused the alias move: %s", record["id"], exc)
+
+
 def rollback(
     config: PipelineConfig,
     redis_client: redis.Redis,
@@ -673,6 +691,9 @@ def rollback(
         raise ValueError("a rollback needs a reason")
     record = get_deployment(config, deployment_id)
     if record["status"] == "rolled_back":
+        # Recorded before, its alias move maybe lost (the process died, MLflow refused): the
+        # move is idempotent and keyed by the deployment, so asking again does it once.
+        _demote(config, record, record["rollback_reason"] or reason)
         return record
     started = detected_at or time.perf_counter()
     # A rollback target past its inference retirement is replaced by the serving fallback.
@@ -705,16 +726,7 @@ def rollback(
             (now, reason, deployment_id),
         )
         _event(conn, deployment_id, "rolled_back", 0.0, detail, now)
-    if record["candidate_version"] or is_fine_tuned(record["candidate_model"]):
-        # The routing is already back and recorded: an MLflow outage must not turn a done
-        # rollback into an error. The alias move goes through the outbox (queued while MLflow
-        # is down, replayed by the next MLflow-bound step); MLflow refusing it is logged.
-        try:
-            demote_candidate(
-                config, record["candidate_version"], record["candidate_model"], reason, deployment_id
-            )
-        except Exception as exc:  # noqa: BLE001
-            log.error("rollback %s done, but MLflow refused the alias move: %s", deployment_id, exc)
+    _demote(config, record, reason)
     fired = [name for name in ROLLBACK_TRIGGER_NAMES if name in reason]
     automatic = "guardrail" if reason.startswith("automatic: guardrail") else "manual"
     get_metrics(config).rollback(fired[0] if fired else automatic)

@@ -15,7 +15,9 @@ from typing import Self
 class FaultyProxy:
     """``127.0.0.1:port`` -> ``target``; ``down()`` stops listening (connection refused) and cuts
     open connections, ``up()`` listens again on the same port; ``delay_seconds`` slows each
-    client-to-server chunk (each HTTP request).
+    client-to-server chunk (each HTTP request), ``reply_delay_seconds`` each server-to-client
+    one (the request has had its effect; its answer is late). A chunk held back when ``down()``
+    is called is dropped, never delivered: a kill test cuts the proxy, then kills the client.
 
     The port is the kernel's pick (bind to port 0) and stays bound while the proxy is down, by a
     socket that does not listen (a connection to it is refused): no other process can take it
@@ -24,6 +26,7 @@ class FaultyProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.delay_seconds = 0.0
+        self.reply_delay_seconds = 0.0
         self.connections = 0
         self._listener: socket.socket | None = None
         self._sockets: list[socket.socket] = []
@@ -104,8 +107,9 @@ class FaultyProxy:
                 data = source.recv(65536)
                 if not data:
                     break
-                if to_server and self.delay_seconds:
-                    time.sleep(self.delay_seconds)
+                delay = self.delay_seconds if to_server else self.reply_delay_seconds
+                if delay:
+                    time.sleep(delay)
                 sink.sendall(data)
         except OSError:
             pass

@@ -17,9 +17,11 @@ whole week, Redis down for hours, a step killed just after an external effect (t
 clearing the task does), OpenAI 5xx bursts. MLflow and Redis go down for real: the pipeline
 reaches them through TCP proxies that stop listening.
 
-The weekly DAG's policy is simulated as Airflow runs it: ``max_active_runs=1`` (a week's run
-starts when the previous one ended), each step retried twice (a step still failing fails the
-run), ``ab-create`` waiting (deferred) while another test or a rollout owns the routing.
+The weekly DAG's policy is simulated as Airflow runs it: ``max_active_runs=2`` (a week's run
+starts on its Sunday unless two runs are still active), each step retried twice (a step still
+failing fails the run), ``ab-create`` waiting (deferred) while another test or a rollout owns the
+routing, and a waiting candidate superseded when a newer week's candidate joins the queue (one
+week's rollout dwells long enough to hold the routing over two Sundays).
 
 Every simulated hour the invariants are checked from outside the code under test (Redis, SQL
 and MLflow's own client, pointed at the real server):
@@ -29,6 +31,8 @@ and MLflow's own client, pointed at the real server):
 - with no rollout live, the model at 100% is the last completed rollout's, and MLflow's
   ``champion`` is that model (once MLflow is up and the outbox has drained);
 - a worse or broken candidate never gets more than its A/B split;
+- at most one candidate waits for the routing, and a superseded one never gets traffic or a
+  test (and, once MLflow is up, its version is tagged ``superseded`` without an alias);
 - every regressing rollout is rolled back, and never completes;
 - no post is lost or doubled (the agent's count equals the table's); at the end, one MLflow run
   and one model version per registered candidate.
@@ -82,6 +86,7 @@ T0 = datetime(2025, 3, 2, 2, tzinfo=UTC)
 TICK = timedelta(minutes=5)
 STEPS = ("collect", "upload", "train", "wait", "register", "ab-create", "evaluate", "deploy")
 STEP_TRIES = 3  # the weekly DAG's retries=2
+MAX_ACTIVE_RUNS = 2  # the weekly DAG's
 FINE_TUNED = {"prompt_tokens": 100.0, "completion_tokens": 320.0}
 REGRESSIONS = ("worse", "broken", "slow")
 
@@ -109,11 +114,17 @@ class CandidatePlan:
     # (ModelPerformanceDegradation's), not the rollout guard's.
     regress_after_hours: float = 1.0
     faults: tuple[str, ...] = ()  # mlflow_down, redis_down, kill_ab_create, kill_rollout, openai_5xx
+    # The rollout's dwell per stage (the run's deployment settings), when not the simulation's:
+    # a long one holds the routing over the next two Sundays, so a waiting candidate is superseded.
+    dwell_hours: float | None = None
 
 
-# Eight weeks that hold every candidate kind, regression and fault at least once.
+# Nine weeks that hold every candidate kind, regression and fault at least once, and a candidate
+# superseded while it waits: week 0's rollout (2 stages of 175 h) owns the routing past day 14,
+# so week 1's candidate is still waiting when week 2's, trained on newer data, joins the queue.
 SCHEDULE = (
-    CandidatePlan("better", faults=("openai_5xx",)),
+    CandidatePlan("better", faults=("openai_5xx",), dwell_hours=175),
+    CandidatePlan("worse"),  # superseded by week 2's: never tested, never served
     CandidatePlan("equal", faults=("kill_ab_create",)),
     CandidatePlan("better", regression="broken", faults=("redis_down",)),
     CandidatePlan("worse"),
@@ -156,7 +167,7 @@ class WeekRun:
     started: datetime | None = None
     next_step: int = 0
     manifests: dict[str, Any] = field(default_factory=dict)
-    ended: str | None = None  # deployed / rejected / skipped / failed: ...
+    ended: str | None = None  # deployed / rejected / skipped / superseded / failed: ...
     candidate: str | None = None
     baseline: str | None = None  # the model serving when the candidate was trained
     deployment_id: str | None = None
@@ -314,6 +325,17 @@ class Lifecycle:
         return RunContext(dag_id=DAG_ID, run_id=week.run_id, window_end=week.started or week.scheduled)
 
     # --- the weekly run --------------------------------------------------------------------------
+    def week_config(self, week: WeekRun) -> PipelineConfig:
+        """The run's settings: the simulation's, with the week's own rollout dwell (as a run's
+        params would set it)."""
+        if week.plan.dwell_hours is None:
+            return self.config
+        ramp = self.config.deployment.rollout_config.model_copy(
+            update={"min_dwell_hours": week.plan.dwell_hours}
+        )
+        deployment = self.config.deployment.model_copy(update={"rollout_config": ramp})
+        return self.config.model_copy(update={"deployment": deployment})
+
     def run_step(self, week: WeekRun, name: str) -> Manifest:
         ctx, m = self.ctx(week), week.manifests
         if name == "collect":
@@ -328,15 +350,19 @@ class Lifecycle:
             return pipeline.register(self.config, ctx, m["collect"], m["train"], m["wait"])
         if name == "ab-create":
             if "kill_ab_create" in week.plan.faults and not week.killed:
-                week.killed = True
-                self.faults.counts["kill"] += 1
-                with kill_after(ab, "set_routing"):
-                    return pipeline.ab_create(self.config, ctx, m["register"])
+                # Killed after its routing write: not while it only waits for the routing.
+                with kill_after(ab, "set_routing") as fired:
+                    try:
+                        return pipeline.ab_create(self.config, ctx, m["register"])
+                    finally:
+                        if fired:
+                            week.killed = True
+                            self.faults.counts["kill"] += 1
             return pipeline.ab_create(self.config, ctx, m["register"])
         if name == "evaluate":
             return pipeline.evaluate(self.config, ctx, m["ab-create"])
         if name == "deploy":
-            return pipeline.deploy(self.config, ctx, m["evaluate"])
+            return pipeline.deploy(self.week_config(week), ctx, m["evaluate"])
         raise ValueError(name)
 
     def advance_week(self, week: WeekRun) -> None:
@@ -352,6 +378,10 @@ class Lifecycle:
                 except ab.RoutingOwned as owned:
                     log.info("week %d: ab-create waits: %s", week.index, owned)
                     return  # deferred: looks again later
+                except ab.CandidateSuperseded as exc:
+                    week.ended = "superseded"
+                    self.note(f"week {week.index}: {exc}")
+                    return
                 except (pipeline.InsufficientDataError, pipeline.CandidateRejected) as exc:
                     week.ended = "rejected" if isinstance(exc, pipeline.CandidateRejected) else "skipped"
                     self.note(f"week {week.index}: {name}: {week.ended}: {exc}")
@@ -376,14 +406,15 @@ class Lifecycle:
                 return
             week.manifests[name] = manifest
             if name == "wait":
-                model = manifest.fine_tuned_model  # type: ignore[attr-defined]
-                week.baseline = self.serving_model()
-                champion = self.truth[week.baseline]
-                week.candidate = model
-                self.truth[model] = behaviour_for(week.plan.kind, champion)
-                self.kind_of[model] = week.plan
+                week.candidate = manifest.fine_tuned_model  # type: ignore[attr-defined]
             if name == "ab-create":
-                self.split_of[week.candidate or ""] = float(manifest.traffic_split)  # type: ignore[attr-defined]
+                # Its true quality is against the champion it is tested against, known only now:
+                # with two active runs, it may have been trained while another rollout ran.
+                model = week.candidate or ""
+                week.baseline = manifest.baseline_model  # type: ignore[attr-defined]
+                self.truth[model] = behaviour_for(week.plan.kind, self.truth[week.baseline])
+                self.kind_of[model] = week.plan
+                self.split_of[model] = float(manifest.traffic_split)  # type: ignore[attr-defined]
             if name == "evaluate" and manifest.decision == "continue":  # type: ignore[attr-defined]
                 return  # the operator defers until the next look
             if name == "deploy":
@@ -422,12 +453,33 @@ class Lifecycle:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def check_queue(self, routing: Any) -> None:
+        """At most one candidate waits; a superseded one has no test and no traffic."""
+        with db.connect(self.database_url) as conn:
+            waiting = conn.execute(
+                "SELECT candidate_model FROM candidate_queue WHERE model_type = 'body' AND status = 'waiting'"
+            ).fetchall()
+            tested = conn.execute(
+                "SELECT q.candidate_model FROM candidate_queue q JOIN ab_tests t"
+                " ON t.candidate_model = q.candidate_model WHERE q.status = 'superseded'"
+            ).fetchall()
+        if len(waiting) > 1:
+            self.violation("one_waiting", f"{len(waiting)} candidates wait for the routing: {waiting}")
+        if tested:
+            self.violation("superseded_untested", f"superseded candidates with an A/B test: {tested}")
+        superseded = {w.candidate for w in self.weeks if w.ended == "superseded"}
+        if routing is not None and routing.candidate_model in superseded and routing.candidate_share > 0:
+            self.violation("superseded_unserved", f"superseded {routing.candidate_model} gets traffic")
+        if routing is not None and routing.baseline_model in superseded:
+            self.violation("superseded_unserved", f"superseded {routing.baseline_model} is the baseline")
+
     def check(self) -> None:
         self.checks += 1
         routing = get_routing(self.observer, "body")
         owners = self.owners()
         if len(owners) > 1:
             self.violation("one_owner", f"the routing has {len(owners)} owners: {owners}")
+        self.check_queue(routing)
         if routing is None:
             return
         models = [routing.baseline_model] + ([routing.candidate_model] if routing.candidate_model else [])
@@ -553,6 +605,17 @@ class Lifecycle:
             self.violation(
                 "outbox", f"{len(outbox.pending_operations(self.config))} operations never replayed"
             )
+        superseded = {w.candidate: w.index for w in self.weeks if w.ended == "superseded"}
+        for version in self.mlflow_observer.search_model_versions(f"name = '{name}'"):
+            index = superseded.get(version.tags.get("fine_tuned_model"))
+            if index is None:
+                continue
+            if version.tags.get("deployment_status") != "superseded" or not version.tags.get("superseded_by"):
+                self.violation("superseded_tagged", f"week {index}: version {version.version} {version.tags}")
+            if version.aliases:
+                self.violation(
+                    "superseded_tagged", f"week {index}: version {version.version} {version.aliases}"
+                )
 
     # --- the loop --------------------------------------------------------------------------------
     def schedule_faults(self, week: WeekRun) -> None:
@@ -564,37 +627,38 @@ class Lifecycle:
 
     def hour(self) -> None:
         self.faults.tick(self.now)
-        # The week's run starts on its Sunday, or when the previous run ended (max_active_runs=1).
-        current = next((w for w in self.weeks if w.ended is None), None)
-        if current is None and len(self.weeks) < len(self.schedule):
+        # The week's run starts on its Sunday unless two runs are still active (max_active_runs=2).
+        active = [w for w in self.weeks if w.ended is None]
+        if len(active) < MAX_ACTIVE_RUNS and len(self.weeks) < len(self.schedule):
             scheduled = T0 + timedelta(weeks=len(self.weeks))
             if self.now >= scheduled:
                 if self.weeks and self.faults.mlflow_is_down:
                     self.faults.mlflow_up()
                     self.note("MLflow is back")
                 index = len(self.weeks)
-                current = WeekRun(
+                week = WeekRun(
                     index,
                     self.schedule[index],
                     scheduled,
                     f"scheduled__{scheduled:%Y-%m-%dT%H:%M:%S}",
                     started=self.now,
                 )
-                self.weeks.append(current)
-                self.schedule_faults(current)
-        if current is not None:
-            self.advance_week(current)
-            test = current.manifests.get("ab-create")
+                self.weeks.append(week)
+                active.append(week)
+                self.schedule_faults(week)
+        for week in active:  # oldest first, as the scheduler queues their tasks
+            self.advance_week(week)
+            test = week.manifests.get("ab-create")
             # Redis goes down for 3 hours from the A/B test's second hour (the agent has read the
             # split): the looks, the decision's routing write and a deploy may fall in it.
             if (
-                "redis_down" in current.plan.faults
+                "redis_down" in week.plan.faults
                 and test is not None
                 and self.now >= test.started_at + timedelta(hours=1)
-                and not any(e.endswith(f"week {current.index}: Redis down") for e in self.events)
+                and not any(e.endswith(f"week {week.index}: Redis down") for e in self.events)
             ):
                 self.faults.redis_outage(self.now + timedelta(hours=3))
-                self.note(f"week {current.index}: Redis down")
+                self.note(f"week {week.index}: Redis down")
         live = rollout.active_deployments(self.config)
         if live:  # the guard looks every 5 minutes while a rollout is live
             for _ in range(int(timedelta(hours=1) / TICK)):
@@ -703,13 +767,15 @@ def simulate(
             mock.patch.object(routing_module, "REDIS_RETRY_SECONDS", 0),
         ):
             world.run(weeks)
-    kinds = Counter(w.plan.kind for w in world.weeks)
+    # The kinds of the candidates that were A/B tested (a superseded one never was).
+    kinds = Counter(w.plan.kind for w in world.weeks if "ab-create" in w.manifests)
     return {
         "weeks": weeks,
         "invariant_checks": world.checks,
         "violations": world.violations,
         "faults": dict(faults.counts),
         "candidates": {k: kinds.get(k, 0) for k in ("better", "equal", "worse", "broken")},
+        "superseded": sum(w.ended == "superseded" for w in world.weeks),
         "regressions": dict(Counter(w.plan.regression for w in world.weeks if w.plan.regression)),
         "rollbacks": world.rollbacks,
         "false_rollbacks": world.false_rollbacks,
@@ -729,7 +795,7 @@ def simulate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weeks", type=int, default=8)
+    parser.add_argument("--weeks", type=int, default=len(SCHEDULE))
     parser.add_argument("--posts-per-hour", type=int, default=600)
     parser.add_argument("--redis-db", type=int, default=13, help="a Redis database of its own (emptied)")
     parser.add_argument("--keep-schema", action="store_true", help="leave the simulation's tables to look at")
@@ -779,7 +845,10 @@ def summary(report: dict[str, Any]) -> str:
             f"{report['weeks']} weeks, {report['invariant_checks']} invariant checks, "
             f"{len(report['violations'])} violations ({report['seconds']} s)"
         ),
-        f"candidates {report['candidates']}, regressions {report['regressions']}, faults {report['faults']}",
+        (
+            f"candidates tested {report['candidates']}, superseded {report['superseded']},"
+            f" regressions {report['regressions']}, faults {report['faults']}"
+        ),
         f"weeks: {report['weeks_ended']}",
     ]
     lines += [f"  rollback {r}" for r in report["rollbacks"]]

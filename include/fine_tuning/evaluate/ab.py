@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from fine_tuning.evaluate.plots import log_evaluation_plot
 from fine_tuning.infra import db
 from fine_tuning.infra.metrics import get_metrics
 from fine_tuning.retirement import served_routing, write_routing
-from fine_tuning.routing import Routing, set_routing
+from fine_tuning.routing import Routing, get_routing, set_routing
 from fine_tuning.track import registry
 
 if TYPE_CHECKING:
@@ -644,6 +645,10 @@ def evaluate_ab_test(
     """
     test = get_ab_test(config, ab_test_id)
     if test["status"] != "running":
+        if test["status"] == "reject" and redis_client is not None:
+            # Decided before, its routing write maybe lost (a kill, Redis down): the candidate
+            # still has its split unless that is written now.
+            _end_split(config, redis_client, test, "rejected", now)
         return {
             "ab_test_id": ab_test_id,
             "decision": test["status"],
@@ -702,6 +707,27 @@ def evaluate_ab_test(
     return {"ab_test_id": ab_test_id, "decision": decision, "analysis": body, "final": decision != "continue"}
 
 
+def _end_split(
+    config: PipelineConfig, redis_client: redis.Redis, test: dict[str, Any], why: str, now: datetime
+) -> None:
+    """A decided or stopped test whose split is still live (the step that recorded it died, or
+    Redis failed, before its routing write): all traffic back to the baseline. A routing that is
+    no longer the test's (a later owner's) is left alone."""
+    live = get_routing(redis_client, test["model_type"])
+    if live is None or live.source != test["id"]:
+        return
+    log.warning(
+        "A/B test %s is %s but its split is still live: routing back to the baseline", test["id"], why
+    )
+    write_routing(
+        config,
+        redis_client,
+        test["model_type"],
+        Routing(test["baseline_model"], None, 0.0, f"{test['id']}:{why}"),
+        now,
+    )
+
+
 def stop_ab_test(config: PipelineConfig, redis_client: redis.Redis, ab_test_id: str) -> bool:
     """Mark a running A/B test aborted and send all of its traffic back to the baseline.
 
@@ -714,6 +740,10 @@ def stop_ab_test(config: PipelineConfig, redis_client: redis.Redis, ab_test_id: 
             (ab_test_id,),
         ).fetchone()
     if row is None:
+        with suppress(UnknownABTest):  # aborted before, its routing write maybe lost: write it
+            test = get_ab_test(config, ab_test_id)
+            if test["status"] == "aborted":
+                _end_split(config, redis_client, test, "aborted", clock.now_utc())
         return False
     write_routing(
         config, redis_client, row[0], Routing(row[1], None, 0.0, f"{ab_test_id}:aborted"), clock.now_utc()

@@ -24,6 +24,7 @@ from fine_tuning.infra import db
 from fine_tuning.manifests import RegistrationManifest, RunContext
 from fine_tuning.routing import get_routing
 from fine_tuning.step_graph import EXIT_SKIPPED, EXIT_WAITING
+from support import registered_version as register
 
 BASE = "gpt-3.5-turbo-0125"
 T0 = datetime(2026, 11, 29, 2, tzinfo=UTC)
@@ -54,21 +55,6 @@ def env(pg_url: str, redis_db: str, mlflow_uri: str, tmp_path: Path) -> dict[str
 @pytest.fixture
 def config(env: dict[str, str]) -> PipelineConfig:
     return load_config(env=env)
-
-
-def register(config: PipelineConfig, model: str) -> RegistrationManifest:
-    """A registered version of ``model`` (as ``register`` leaves it), with ``challenger``."""
-    mlflow = MlflowClient(config.mlflow.tracking_uri)
-    name = config.mlflow.registered_model_name
-    if not mlflow.search_registered_models(f"name = '{name}'"):
-        mlflow.create_registered_model(name)
-    run = mlflow.create_run(mlflow.get_experiment_by_name("Default").experiment_id)
-    version = mlflow.create_model_version(
-        name, source=f"runs:/{run.info.run_id}/m", run_id=run.info.run_id, tags={"fine_tuned_model": model}
-    )
-    mlflow.set_registered_model_alias(name, "challenger", version.version)
-    return RegistrationManifest(mlflow_run_id=run.info.run_id, experiment_id="0", model_name=name,
-                                model_version=version.version, alias="challenger", fine_tuned_model=model)
 
 
 def week(n: int) -> RunContext:
