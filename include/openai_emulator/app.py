@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from openai_emulator import models, tokens
 from openai_emulator.errors import DEFAULT_MESSAGES, APIError, bad_request
 from openai_emulator.faults import Fault, FaultBook, FaultSpec
-from openai_emulator.schemas import Clock, Deprecation, FailJob, JobCreate, RefuseJobs
+from openai_emulator.schemas import Clock, Deprecation, FailJob, JobCreate, RefuseJobs, StageSeconds
 from openai_emulator.settings import Settings
 from openai_emulator.store import FILE_PURPOSES, Store, paginate
 
@@ -515,6 +515,13 @@ def _add_admin_routes(app: FastAPI, store: Store, faults: FaultBook) -> None:
     @app.delete(ADMIN_PREFIX + "/faults")
     def clear_faults() -> dict[str, Any]:
         return {"cleared": faults.clear()}
+
+    @app.post(ADMIN_PREFIX + "/stage_seconds")
+    def set_stage_seconds(body: StageSeconds) -> dict[str, Any]:
+        """How long each job stage lasts from now on (a test that needs a job to stay live)."""
+        with store.lock:
+            store.settings.stage_seconds = body.seconds
+            return {"stage_seconds": store.settings.stage_seconds}
 
     @app.post(ADMIN_PREFIX + "/refuse_jobs")
     def refuse_jobs(body: RefuseJobs) -> dict[str, Any]:

@@ -220,6 +220,10 @@ class EmulatorProcess:
         """Refuse (or accept again) new fine-tuning jobs; options: ``status`` (400/403), ``message``."""
         return self._admin("POST", "/refuse_jobs", {"refuse": refuse, **options})
 
+    def set_stage_seconds(self, seconds: float) -> dict[str, Any]:
+        """How long each job stage lasts from now on."""
+        return self._admin("POST", "/stage_seconds", {"seconds": seconds})
+
     def set_clock(self, now: float | None = None, advance_seconds: float = 0.0) -> dict[str, Any]:
         """Move the emulator's clock to ``now`` (Unix seconds) and/or by ``advance_seconds``."""
         return self._admin("POST", "/clock", {"now": now, "advance_seconds": advance_seconds})

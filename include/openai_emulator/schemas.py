@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 Auto = Literal["auto"]
 
@@ -54,6 +54,14 @@ class JobCreate(BaseModel):
     method: Method | None = None
     metadata: dict[StrictStr, StrictStr] | None = None
     integrations: list[dict[str, Any]] | None = None
+
+
+class StageSeconds(BaseModel):
+    """The body of ``POST /_emulator/stage_seconds``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(ge=0)
 
 
 class RefuseJobs(BaseModel):

@@ -204,6 +204,45 @@ def test_rest_trigger_with_conf_runs_to_success(airflow: dict[str, Any], api: ht
     print(f"startup {airflow['startup_seconds']:.0f} s; triggered run to success in {time.monotonic() - started:.0f} s")
 
 
+def test_marking_the_deferred_wait_failed_cancels_the_remote_job(
+    airflow: dict[str, Any], api: httpx.Client, services: dict
+) -> None:
+    """A person marks the deferred ``wait`` failed in the UI (the same PATCH): Airflow's
+    triggerer calls the trigger's ``on_kill``, which cancels the job at the provider — the
+    worker's ``on_kill`` never runs for a deferred task, so without it the job would train on."""
+    emulator = services["emulator"]
+    emulator.set_stage_seconds(600)  # this run's job stays live until something cancels it
+    try:
+        before = {job["id"] for job in emulator.state()["jobs"]}
+        conf = {"engagement_threshold": 0.05, **FAST_CONF}
+        response = api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+        assert response.status_code == 200, response.text
+        run_id = response.json()["dag_run_id"]
+        deadline = time.monotonic() + 180
+        while _task_states(api, run_id).get("wait") != "deferred":
+            assert time.monotonic() < deadline, (_task_states(api, run_id), airflow["log"].read_text()[-3000:])
+            time.sleep(1)
+        (job,) = [job for job in emulator.state()["jobs"] if job["id"] not in before]
+        assert job["status"] in ("validating_files", "queued", "running"), job
+
+        marked = api.patch(
+            f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/wait", json={"new_state": "failed"}
+        )
+        assert marked.status_code == 200, marked.text
+        deadline = time.monotonic() + 60
+        while (status := _job_status(emulator, job["id"])) != "cancelled":
+            assert time.monotonic() < deadline, (status, airflow["log"].read_text()[-3000:])
+            time.sleep(0.5)
+        assert len(emulator.requests("POST", f"/v1/fine_tuning/jobs/{job['id']}/cancel")) == 1
+        assert _wait_for_state(api, run_id, timeout=120)["state"] == "failed"
+    finally:
+        emulator.set_stage_seconds(0.2)
+
+
+def _job_status(emulator: Any, job_id: str) -> str:
+    return next(job["status"] for job in emulator.state()["jobs"] if job["id"] == job_id)
+
+
 def test_scheduler_and_health_metrics_reach_statsd(
     airflow: dict[str, Any], api: httpx.Client, statsd: StatsdListener
 ) -> None:
