@@ -169,7 +169,7 @@ class WeekRun:
     manifests: dict[str, Any] = field(default_factory=dict)
     ended: str | None = None  # deployed / rejected / skipped / superseded / failed: ...
     candidate: str | None = None
-    baseline: str | None = None  # the model serving when the candidate was trained
+    baseline: str | None = None  # the A/B test's baseline: the model the candidate is judged against
     deployment_id: str | None = None
     deployed_at: datetime | None = None
     killed: bool = False
