@@ -224,6 +224,14 @@ def test_marking_the_deferred_wait_failed_cancels_the_remote_job(
             time.sleep(1)
         (job,) = [job for job in emulator.state()["jobs"] if job["id"] not in before]
         assert job["status"] in ("validating_files", "queued", "running"), job
+        # "deferred" is written before a triggerer picks the trigger up; marked failed in that
+        # window, the trigger never runs and there is nothing to call on_kill on. The worker
+        # polled once before deferring: a second poll is the trigger's, running in the triggerer.
+        job_path = f"/v1/fine_tuning/jobs/{job['id']}"
+        deadline = time.monotonic() + 60
+        while len(emulator.requests("GET", job_path)) < 2:
+            assert time.monotonic() < deadline, (emulator.requests("GET", job_path), airflow["log"].read_text()[-3000:])
+            time.sleep(0.5)
 
         marked = api.patch(
             f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/wait", json={"new_state": "failed"}
