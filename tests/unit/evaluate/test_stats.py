@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import statsmodels.api as sm
 from scipy import stats as sps
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import samplesize_proportions_2indep_onetail
@@ -268,3 +269,119 @@ def test_holm_adjusted_p_values_match_statsmodels() -> None:
     for p_values in ([0.01, 0.04, 0.03, 0.005], [0.5], [0.9, 0.8, 0.95], rng.uniform(0, 0.2, 9).tolist(), [0.02, 0.02]):
         expected = multipletests(p_values, alpha=0.05, method="holm")[1]
         assert np.allclose(holm_adjusted(p_values), expected, rtol=0, atol=1e-15), p_values
+
+
+# Oracles below are computed on the raw per-post values with numpy/statsmodels, never from the
+# code under test; each was added where `make mutation` showed a wrong formula surviving.
+
+
+def test_cohens_d_pools_unequal_arms_as_the_textbook_does() -> None:
+    rng = np.random.default_rng(21)
+    baseline, candidate = rng.normal(1.0, 2.0, 900), rng.normal(1.9, 0.5, 60)  # unequal n and spread
+    pooled_sd = math.sqrt(
+        (((baseline - baseline.mean()) ** 2).sum() + ((candidate - candidate.mean()) ** 2).sum())
+        / (len(baseline) + len(candidate) - 2)
+    )
+    d, label = stats.cohens_d(summary(baseline), summary(candidate))
+    assert d == pytest.approx((candidate.mean() - baseline.mean()) / pooled_sd, rel=1e-9)
+    assert label == ("medium" if 0.5 <= abs(d) < 0.8 else "large" if abs(d) >= 0.8 else "small")
+    # No spread at all: no standardised difference, not a division by zero.
+    assert stats.cohens_d(stats.ArmSummary(5, 1.0, 0.0), stats.ArmSummary(5, 2.0, 0.0)) == (0.0, "negligible")
+
+
+def covariate_sums(x: np.ndarray, y: np.ndarray) -> stats.CovariateSums:
+    return stats.CovariateSums(len(x), y.sum(), (y**2).sum(), x.sum(), (x**2).sum(), (x * y).sum())
+
+
+def test_covariate_moments_are_numpys() -> None:
+    rng = np.random.default_rng(22)
+    x = rng.gamma(3, 0.02, 500)
+    y = 0.4 * x + rng.normal(0.05, 0.02, 500)
+    mean_y, mean_x, var_y, var_x, cov = covariate_sums(x, y).moments()
+    assert (mean_y, mean_x) == (pytest.approx(y.mean()), pytest.approx(x.mean()))
+    assert var_y == pytest.approx(y.var(ddof=1), rel=1e-7)
+    assert var_x == pytest.approx(x.var(ddof=1), rel=1e-7)
+    assert cov == pytest.approx(np.cov(x, y, ddof=1)[0, 1], rel=1e-7)
+
+
+def test_cuped_variance_and_rho2_are_those_of_the_adjusted_posts() -> None:
+    """Each arm's adjusted variance is the sample variance of ``y - theta x`` over its posts, and
+    rho² the squared within-arm correlation (x and y each centred on its own arm's mean)."""
+    rng = np.random.default_rng(23)
+    n_b, n_c = 2000, 300
+    x_b, x_c = rng.gamma(4, 0.017, n_b), rng.gamma(4, 0.02, n_c)  # the arms' covariates differ too
+    y_b = 0.6 * x_b + rng.normal(0.03, 0.03, n_b)
+    y_c = 0.5 * x_c + rng.normal(0.04, 0.02, n_c)
+    adjusted = stats.cuped(covariate_sums(x_b, y_b), covariate_sums(x_c, y_c))
+    assert adjusted is not None
+
+    treat = np.r_[np.zeros(n_b), np.ones(n_c)]
+    x, y = np.r_[x_b, x_c], np.r_[y_b, y_c]
+    theta = sm.OLS(y, sm.add_constant(np.column_stack([treat, x]))).fit().params[2]
+    assert adjusted.theta == pytest.approx(theta, rel=1e-7)
+    for arm, xs, ys in ((adjusted.baseline, x_b, y_b), (adjusted.candidate, x_c, y_c)):
+        assert arm.n == len(xs)
+        assert arm.mean == pytest.approx(ys.mean() - theta * (xs.mean() - x.mean()), rel=1e-9)
+        assert arm.variance == pytest.approx((ys - theta * xs).var(ddof=1), rel=1e-6)
+    x_within = np.r_[x_b - x_b.mean(), x_c - x_c.mean()]
+    y_within = np.r_[y_b - y_b.mean(), y_c - y_c.mean()]
+    assert adjusted.rho2 == pytest.approx(np.corrcoef(x_within, y_within)[0, 1] ** 2, rel=1e-7)
+
+
+def test_ratio_change_ci_from_the_posts_linearisation() -> None:
+    """The delta-method SE of a cost-per-token change from each post's linearised contribution
+    ``(cost_i - R tokens_i) / mean tokens``, and the CI at the normal quantile of each alpha."""
+    rng = np.random.default_rng(24)
+
+    def arm(n: int, price: float) -> tuple[np.ndarray, np.ndarray]:
+        tokens = rng.gamma(5, 60, n)
+        return tokens * price * rng.lognormal(0, 0.3, n), tokens
+
+    def ratio_var(cost: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
+        ratio = cost.sum() / tokens.sum()
+        return ratio, ((cost - ratio * tokens) / tokens.mean()).var(ddof=1) / len(cost)
+
+    (cost_b, tok_b), (cost_c, tok_c) = arm(1500, 2e-6), arm(200, 1.8e-6)
+    (r_b, v_b), (r_c, v_c) = ratio_var(cost_b, tok_b), ratio_var(cost_c, tok_c)
+    se = math.sqrt(v_c / r_b**2 + r_c**2 * v_b / r_b**4)
+
+    def sums(cost: np.ndarray, tok: np.ndarray) -> stats.RatioSums:
+        return stats.RatioSums(len(cost), cost.sum(), tok.sum(), (cost**2).sum(), (tok**2).sum(), (cost * tok).sum())
+
+    for alpha, z in ((0.05, 1.959963984540054), (0.10, 1.6448536269514722)):  # normal quantiles, from tables
+        est = stats.ratio_change(sums(cost_b, tok_b), sums(cost_c, tok_c), alpha=alpha)
+        assert est.value == pytest.approx(r_c / r_b - 1, rel=1e-9)
+        assert est.std_error == pytest.approx(se, rel=1e-6)
+        assert (est.ci_lower, est.ci_upper) == (
+            pytest.approx(est.value - z * se, rel=1e-6), pytest.approx(est.value + z * se, rel=1e-6)
+        )
+    with pytest.raises(stats.AnalysisInputError, match="baseline cost: a ratio needs n > 1"):
+        stats.ratio_change(stats.RatioSums(1, 1.0, 1.0, 1.0, 1.0, 1.0), sums(cost_c, tok_c))
+    with pytest.raises(stats.AnalysisInputError, match="candidate cost: a ratio needs n > 1 and a positive"):
+        stats.ratio_change(sums(cost_b, tok_b), stats.RatioSums(5, 1.0, 0.0, 1.0, 0.0, 0.0))
+
+
+def test_lift_test_of_arms_without_spread() -> None:
+    """No variance in either arm: the lift is known exactly, p is 1 if it is 0 and 0 otherwise."""
+    same = stats.relative_lift_test(stats.ArmSummary(10, 0.2, 0.0), stats.ArmSummary(10, 0.2, 0.0))
+    assert same.p_value == 1.0
+    assert (same.estimate.value, same.estimate.ci_lower, same.estimate.ci_upper) == (0.0, 0.0, 0.0)
+    better = stats.relative_lift_test(stats.ArmSummary(10, 0.2, 0.0), stats.ArmSummary(10, 0.3, 0.0))
+    assert better.p_value == 0.0
+    assert better.estimate.ci_lower == better.estimate.ci_upper == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        (stats.ArmSummary(1, 0.1, 0.01), "baseline.n must be > 1, got 1"),
+        (stats.ArmSummary(10, float("nan"), 0.01), "baseline.mean must be a finite number, got nan"),
+        (stats.ArmSummary(10, 0.1, -0.5), "baseline.variance must be >= 0, got -0.5"),
+        (stats.ArmSummary(10, 0.1, float("inf")), "baseline.variance must be >= 0, got inf"),
+    ],
+)
+def test_a_bad_summary_is_named_with_its_field(arm: stats.ArmSummary, message: str) -> None:
+    with pytest.raises(stats.AnalysisInputError) as raised:
+        arm.check("baseline")
+    assert str(raised.value) == message
+    assert stats.ArmSummary(2, 0.0, 0.0).check("baseline") == stats.ArmSummary(2, 0.0, 0.0)
