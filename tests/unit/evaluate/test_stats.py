@@ -284,7 +284,7 @@ def test_cohens_d_pools_unequal_arms_as_the_textbook_does() -> None:
     )
     d, label = stats.cohens_d(summary(baseline), summary(candidate))
     assert d == pytest.approx((candidate.mean() - baseline.mean()) / pooled_sd, rel=1e-9)
-    assert label == ("medium" if 0.5 <= abs(d) < 0.8 else "large" if abs(d) >= 0.8 else "small")
+    assert label == "small"  # d = 0.416 (by the formula above): Cohen's 0.2 <= |d| < 0.5
     # No spread at all: no standardised difference, not a division by zero.
     assert stats.cohens_d(stats.ArmSummary(5, 1.0, 0.0), stats.ArmSummary(5, 2.0, 0.0)) == (0.0, "negligible")
 
@@ -385,3 +385,50 @@ def test_a_bad_summary_is_named_with_its_field(arm: stats.ArmSummary, message: s
         arm.check("baseline")
     assert str(raised.value) == message
     assert stats.ArmSummary(2, 0.0, 0.0).check("baseline") == stats.ArmSummary(2, 0.0, 0.0)
+
+
+def test_the_plan_counts_the_posts_each_arm_gets_and_the_smallest_split_that_works() -> None:
+    """200 posts an hour for a week at 10%: each arm's expected posts, and the smallest split
+    (in 1% steps) at which statsmodels' NormalIndPower reaches 80% power in that week."""
+    p, posts_per_hour, hours = 0.068, 200, 168
+    sd = math.sqrt(p * (1 - p))
+    plan = stats.power_plan(p, sd, posts_per_hour, 0.1, hours, 0.15)
+    assert not plan.adequate
+    assert plan.expected_per_arm == {"candidate": 3360, "baseline": 30240}
+    solver, effect = NormalIndPower(), 0.15 * p / sd
+    smallest = next(
+        share / 100
+        for share in range(1, 51)
+        if solver.solve_power(effect_size=effect, alpha=0.05, power=0.8, ratio=(100 - share) / share)
+        <= posts_per_hour * hours * share / 100
+    )
+    assert plan.share_needed_for_duration == smallest
+    assert f"raise traffic_split to {smallest:.0%} for 168 h" in plan.message
+    assert (plan.baseline_mean, plan.baseline_sd, plan.duration_hours, plan.candidate_share) == (p, sd, 168, 0.1)
+
+
+def test_guardrail_mean_reports_the_arms_and_welchs_one_sided_harm() -> None:
+    rng = np.random.default_rng(25)
+    baseline, candidate = rng.gamma(4, 200, 800), rng.gamma(4, 215, 120)  # latency, higher is worse
+    g = stats.guardrail_mean("p95", summary(baseline), summary(candidate), 0.1, higher_is_worse=True)
+    assert (g.baseline, g.candidate) == (pytest.approx(baseline.mean()), pytest.approx(candidate.mean()))
+    harm = sps.ttest_ind(candidate, baseline, equal_var=False, alternative="greater").pvalue
+    assert g.p_harm == pytest.approx(harm, rel=1e-9)
+    shifted = candidate - 0.1 * baseline.mean()
+    non_inferior = sps.ttest_ind(shifted, baseline, equal_var=False, alternative="less").pvalue
+    assert g.p_non_inferior == pytest.approx(non_inferior, rel=1e-9)
+
+
+def test_holm_leaves_a_guardrail_neither_shown_safe_nor_harmful_inconclusive() -> None:
+    guardrails = [
+        stats.Guardrail("safe", 1, 1, 0.1, p_non_inferior=0.001, p_harm=0.9),
+        stats.Guardrail("harmful", 1, 2, 0.1, p_non_inferior=0.9, p_harm=0.001),
+        stats.Guardrail("unclear", 1, 1, 0.1, p_non_inferior=0.3, p_harm=0.4),
+    ]
+    stats.apply_holm(guardrails, 0.05)
+    assert [g.status for g in guardrails] == ["pass", "violated", "inconclusive"]
+
+
+def test_msprt_of_an_estimate_without_variance_is_certain() -> None:
+    assert stats.msprt_p_value(0.0, 0.0, 0.01) == 1.0
+    assert stats.msprt_p_value(0.02, 0.0, 0.01) == 0.0

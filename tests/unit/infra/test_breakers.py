@@ -97,6 +97,25 @@ def test_consecutive_failures_open_it_and_say_until_when(storage: str | None) ->
         assert stored(breaker)["failures"] == "3" and stored(breaker)["openings"] == "1"
 
 
+def test_reset_closes_it_for_every_process_and_forgets_its_counts(storage: str | None) -> None:
+    """The operators' escape hatch: after ``reset`` on one instance, another instance of the
+    same breaker (another process) sees it closed with no failures — and Redis holds nothing."""
+    prefix = f"test:{uuid.uuid4().hex[:10]}:b"
+    here, there = (CircuitBreaker("openai", settings(), storage, key_prefix=prefix) for _ in range(2))
+    for _ in range(3):
+        fail(here)
+    assert here.state == "open"
+    if storage:
+        assert there.state == "open" and redis.Redis.from_url(REDIS_URL).exists(*here.keys) > 0
+    here.reset()
+    if storage:
+        assert redis.Redis.from_url(REDIS_URL).exists(*here.keys) == 0
+        assert (there.state, there.failure_count) == ("closed", 0)
+        assert there.snapshot().shared
+    assert (here.state, here.failure_count, here.opened_until) == ("closed", 0, None)
+    assert here.call(lambda: "called") == "called"
+
+
 def test_a_success_resets_the_consecutive_count(storage: str | None) -> None:
     breaker = make_breaker(storage)
     fail(breaker)
