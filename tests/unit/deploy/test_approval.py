@@ -205,3 +205,29 @@ def test_without_the_option_the_last_step_completes_as_before(pg_url: str, redis
 def test_a_bad_approval_timeout_is_named(pg_url: str, redis_db: str, hours: float) -> None:
     with pytest.raises(ConfigError, match="deployment.approval_timeout_hours"):
         make_config(pg_url, redis_db, approval_timeout_hours=hours)
+
+
+def test_the_history_says_when_a_due_step_held_for_lack_of_posts_and_lists_newest_first(
+    pg_url: str, redis_db: str, redis_client: redis.Redis
+) -> None:
+    """A clock rollout due for its step with no candidate posts yet holds, and records why, at
+    the check's time and traffic; the deployments list shows every deployment with its events."""
+    config = make_config(pg_url, redis_db, require_approval=False)
+    first_test, second_test = f"ab-{uuid.uuid4().hex[:8]}", f"ab-{uuid.uuid4().hex[:8]}"
+    promoted_test(config, first_test)
+    first = rollout.deploy(config, redis_client, first_test, T0)
+    not_due = rollout.watch(config, redis_client, first["id"], T0 + timedelta(minutes=30))
+    assert [e["kind"] for e in not_due["events"]] == ["started"]  # not due: nothing to record
+    held = rollout.watch(config, redis_client, first["id"], T0 + timedelta(hours=2))  # due, no posts
+    assert held["current_traffic"] == 0.1 and held["status"] == first["status"]
+    last = held["events"][-1]
+    assert (last["kind"], last["traffic"], last["at"]) == ("held", 0.1, T0 + timedelta(hours=2))
+    assert last["detail"]["reason"] == "not enough candidate posts yet"
+
+    rollout.rollback(config, redis_client, first["id"], "making way", T0 + timedelta(hours=3))
+    promoted_test(config, second_test)
+    second = rollout.deploy(config, redis_client, second_test, T0 + timedelta(hours=4))
+    listed = [d for d in rollout.list_deployments(config) if d["id"] in (first["id"], second["id"])]
+    assert [d["id"] for d in listed] == [second["id"], first["id"]]
+    assert [e["kind"] for e in listed[1]["events"]] == ["started", "held", "rolled_back"]
+    assert [e["at"] for e in listed[0]["events"]] == [T0 + timedelta(hours=4)]
