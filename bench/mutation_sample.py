@@ -37,7 +37,9 @@ def sample(n: int, patterns: list[str], seed: int) -> list[str]:
 
 def main() -> None:
     if len(sys.argv) < 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
-        raise SystemExit(f"usage: {sys.argv[0]} N [PATTERN ...] (N mutants per module, N >= 1), got {sys.argv[1:]}")
+        raise SystemExit(
+            f"usage: {sys.argv[0]} N [PATTERN ...] (N mutants per module, N >= 1), got {sys.argv[1:]}"
+        )
     print(" ".join(sample(int(sys.argv[1]), sys.argv[2:], int(os.environ.get("MUTMUT_SEED", "20261204")))))
 
 

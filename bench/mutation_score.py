@@ -24,15 +24,16 @@ def main() -> None:
     metas = sorted(Path("mutants").rglob("*.py.meta"))
     if not metas:
         raise SystemExit("no mutmut results under ./mutants: run `make mutation` first")
-    print(f"{'module':45} {'mutants':>8} {'checked':>8} {'killed':>7} {'survived':>9} {'no tests':>9} {'score':>6} {'± se':>6}")
+    print(f"{'module':45} {'mutants':>8} {'checked':>8} {'killed':>7} {'survived':>9} {'no tests':>9} "
+          f"{'score':>6} {'± se':>6}")
     for meta in metas:
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         statuses = Counter(status_by_exit_code[code] for code in codes.values())
         checked = sum(n for status, n in statuses.items() if status not in ("not checked", "no tests"))
         killed = sum(statuses[s] for s in KILLED)
-        score = f"{killed / checked:.0%}" if checked else "-"
-        p = killed / checked if checked else 0.0
-        se = f"{math.sqrt(p * (1 - p) / checked):.0%}" if checked else "-"
+        p = killed / checked if checked else None
+        score = "-" if p is None else f"{p:.0%}"
+        se = "-" if p is None else f"{math.sqrt(p * (1 - p) / checked):.0%}"
         module = str(meta.relative_to("mutants")).removesuffix(".py.meta").removeprefix("src/").replace("/", ".")
         print(f"{module:45} {len(codes):>8} {checked:>8} {killed:>7} {statuses['survived']:>9} "
               f"{statuses['no tests']:>9} {score:>6} {se:>6}")

@@ -74,6 +74,13 @@ def test_srm_detects_a_broken_split() -> None:
     assert result.decision == "reject" and not result.srm_ok
 
 
+def ratio_sums(cost: np.ndarray, tokens: np.ndarray) -> stats.RatioSums:
+    """A ratio metric's per-arm sums, as SQL aggregates them from the posts."""
+    return stats.RatioSums(
+        len(cost), cost.sum(), tokens.sum(), (cost**2).sum(), (tokens**2).sum(), (cost * tokens).sum()
+    )
+
+
 def test_ratio_metric_delta_method_matches_simulation() -> None:
     """Cost per token: the delta-method SE is the spread of the ratio change over simulated samples."""
     rng = np.random.default_rng(3)
@@ -82,13 +89,10 @@ def test_ratio_metric_delta_method_matches_simulation() -> None:
         tokens = rng.gamma(5, 60, n)
         return tokens * price * rng.lognormal(0, 0.2, n), tokens
 
-    def sums(cost: np.ndarray, tok: np.ndarray) -> stats.RatioSums:
-        return stats.RatioSums(len(cost), cost.sum(), tok.sum(), (cost**2).sum(), (tok**2).sum(), (cost * tok).sum())
-
     changes, ses = [], []
     for _ in range(400):
         b, c = arm(2000, 2e-6), arm(300, 1.7e-6)
-        est = stats.ratio_change(sums(*b), sums(*c))
+        est = stats.ratio_change(ratio_sums(*b), ratio_sums(*c))
         changes.append(est.value)
         ses.append(est.std_error)
     assert np.mean(changes) == pytest.approx(1.7 / 2 - 1, abs=0.01)
@@ -345,20 +349,17 @@ def test_ratio_change_ci_from_the_posts_linearisation() -> None:
     (r_b, v_b), (r_c, v_c) = ratio_var(cost_b, tok_b), ratio_var(cost_c, tok_c)
     se = math.sqrt(v_c / r_b**2 + r_c**2 * v_b / r_b**4)
 
-    def sums(cost: np.ndarray, tok: np.ndarray) -> stats.RatioSums:
-        return stats.RatioSums(len(cost), cost.sum(), tok.sum(), (cost**2).sum(), (tok**2).sum(), (cost * tok).sum())
-
     for alpha, z in ((0.05, 1.959963984540054), (0.10, 1.6448536269514722)):  # normal quantiles, from tables
-        est = stats.ratio_change(sums(cost_b, tok_b), sums(cost_c, tok_c), alpha=alpha)
+        est = stats.ratio_change(ratio_sums(cost_b, tok_b), ratio_sums(cost_c, tok_c), alpha=alpha)
         assert est.value == pytest.approx(r_c / r_b - 1, rel=1e-9)
         assert est.std_error == pytest.approx(se, rel=1e-6)
         assert (est.ci_lower, est.ci_upper) == (
             pytest.approx(est.value - z * se, rel=1e-6), pytest.approx(est.value + z * se, rel=1e-6)
         )
     with pytest.raises(stats.AnalysisInputError, match="baseline cost: a ratio needs n > 1"):
-        stats.ratio_change(stats.RatioSums(1, 1.0, 1.0, 1.0, 1.0, 1.0), sums(cost_c, tok_c))
+        stats.ratio_change(stats.RatioSums(1, 1.0, 1.0, 1.0, 1.0, 1.0), ratio_sums(cost_c, tok_c))
     with pytest.raises(stats.AnalysisInputError, match="candidate cost: a ratio needs n > 1 and a positive"):
-        stats.ratio_change(sums(cost_b, tok_b), stats.RatioSums(5, 1.0, 0.0, 1.0, 0.0, 0.0))
+        stats.ratio_change(ratio_sums(cost_b, tok_b), stats.RatioSums(5, 1.0, 0.0, 1.0, 0.0, 0.0))
 
 
 def test_lift_test_of_arms_without_spread() -> None:
