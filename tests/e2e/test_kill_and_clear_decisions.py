@@ -89,12 +89,15 @@ class World:
     def kill_when(self, command: list[str], ready: Callable[[], bool], timeout: float = 120) -> None:
         """Start the step; once ``ready()`` says the chosen point is reached, cut both proxies
         (what they hold back is dropped) and SIGKILL the process."""
-        process = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True)
+        # The step's log (stdout and stderr) goes to a file: a pipe nobody reads could fill and
+        # stall the step, and when the step ends early its log says why (a hold, an error).
+        log_path = self.run_dir / f"{command[3]}-killed.log"
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         try:
             while not ready():
-                assert process.poll() is None, f"ended before the kill point: {process.stderr.read()[-3000:]}"
+                assert process.poll() is None, f"ended before the kill point: {log_path.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "kill point not reached"
                 time.sleep(0.02)
         finally:
@@ -252,6 +255,18 @@ def test_deploy_killed_after_its_row_before_its_routing(world: World) -> None:
 def test_rollout_killed_after_recording_its_step_before_the_routing_write(world: World) -> None:
     record = a_live_rollout(world)
     initial = record["current_traffic"]
+    # The step advances only once the stage shows every guardrail non-inferior; which posts the
+    # candidate serves depends on its (random) name, so a fixed count of posts is sometimes not
+    # enough (the step then holds, rightly, and the kill point never comes). The stage gets more
+    # posts until the evidence the step will judge says advance.
+    for _ in range(4):
+        now = datetime.now(UTC)
+        aggregates = rollout.health(world.config, record, now)["aggregates"]
+        evidence = rollout.stage_evidence(world.config, record, aggregates)
+        if evidence.verdict == "advance":
+            break
+        world.traffic(BETTER, record["candidate_model"], record["last_step_at"], now, per_hour=600)
+    assert evidence.verdict == "advance", evidence.reasons
     command = world.command("rollout", "scheduled__watch")
     world.redis_proxy.delay_seconds = 0.5
 
