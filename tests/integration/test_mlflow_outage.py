@@ -135,3 +135,36 @@ def test_an_open_breaker_queues_without_calling_mlflow(config: PipelineConfig, p
     client = MlflowClient(mlflow_uri, mlflow_uri)
     experiment = client.get_experiment_by_name(config.mlflow.experiment_name)
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+def test_an_ab_looks_plots_are_queued_while_mlflow_is_down_and_the_latest_is_logged_once(
+    config: PipelineConfig, proxy: FaultyProxy, mlflow_uri: str
+) -> None:
+    from fine_tuning.evaluate.plots import evaluation_png, log_evaluation_plot
+    from fine_tuning.track.registry import find_run
+
+    test = {"id": "ab-plot-outage", "dag_id": "weekly_fine_tuning", "run_id": "scheduled__plots", "looks": 0,
+            "candidate_model": "ft:cand", "baseline_model": "base", "success_criteria": {"min_engagement_lift": 0.05}}
+    aggregates = {"baseline": {"eng_n": 400, "eng_sum": 24.0, "eng_sumsq": 2.0},
+                  "candidate": {"eng_n": 100, "eng_sum": 8.0, "eng_sumsq": 0.9}}
+    first = [{"lift": 0.2, "ci_lower": -0.5, "ci_upper": 0.9}]
+    second = [*first, {"lift": 0.3, "ci_lower": 0.05, "ci_upper": 0.6}]
+
+    proxy.down()
+    path = log_evaluation_plot(config, test, aggregates, first)
+    assert path == "ab_tests/ab-plot-outage/evaluation.png"  # where it will be: the analysis records it
+    assert log_evaluation_plot(config, test, aggregates, first) == path  # the same look re-run: queued once
+    assert log_evaluation_plot(config, {**test, "looks": 1}, aggregates, second) == path
+    assert [p.name.split("-")[1] for p in tracking_buffer.pending_operations(config)] == ["run_artifact"] * 2
+
+    proxy.up()
+    get_breaker("mlflow", config).reset()
+    report = tracking_buffer.replay(config)
+    assert len(report.replayed) == 2 and report.pending == [] and report.dead == []
+    run = find_run(config, test["dag_id"], test["run_id"])
+    assert run is not None
+    client = MlflowClient(mlflow_uri, mlflow_uri)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "ab_tests/ab-plot-outage")] == [path]
+    with open(client.download_artifacts(run.info.run_id, path), "rb") as logged:
+        # The second look's picture, byte for byte the one the UI draws: the later look won.
+        assert logged.read() == evaluation_png(test, aggregates, second) != evaluation_png(test, aggregates, first)

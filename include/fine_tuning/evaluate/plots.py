@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from fine_tuning.config import PipelineConfig
-from fine_tuning.track.registry import get_or_create_run, make_client
+from fine_tuning.track.registry import log_run_artifact
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,21 @@ def log_evaluation_plot(
 ) -> str | None:
     """Log the figure to the MLflow run of the pipeline run that made the candidate; returns its path.
 
-    A picture is not worth failing an evaluation for: errors are logged and skipped.
+    Through the outbox: while MLflow is down the look's figure is queued and logged when MLflow
+    is back (each look's once, in order, so the run ends with the latest). A figure MLflow
+    refuses, or one that cannot be drawn, is logged and skipped: the decision stands without it.
     """
     if not test.get("dag_id") or not test.get("run_id") or not history:
         return None
+    path = f"ab_tests/{test['id']}/evaluation.png"
     try:
-        run = get_or_create_run(config, test["dag_id"], test["run_id"])
-        path = f"ab_tests/{test['id']}/evaluation.png"
-        make_client(config).log_figure(run.info.run_id, evaluation_figure(test, aggregates, history), path)
-        return path
+        png = evaluation_png(test, aggregates, history)
+        # The look's number names this version: a re-run of a killed look queues nothing twice.
+        key = f"{test['id']}:look{int(test.get('looks') or 0) + 1}"
+        logged = log_run_artifact(config, test["dag_id"], test["run_id"], path, png, key)
     except Exception as exc:  # noqa: BLE001 - the plot is a nicety; the decision stands without it
         log.warning("could not log the A/B plot of %s to MLflow: %s", test["id"], exc)
         return None
+    if logged.buffered:
+        log.warning("the A/B plot of %s is queued until MLflow is back (%s)", test["id"], logged.reason)
+    return path

@@ -52,6 +52,7 @@ OPERATIONS: dict[str, str] = {
     "champion_alias": "fine_tuning.track.registry:apply_champion",
     "demote_candidate": "fine_tuning.track.registry:apply_demotion",
     "supersede_candidate": "fine_tuning.track.registry:apply_supersession",
+    "run_artifact": "fine_tuning.track.registry:apply_run_artifact",
 }
 
 

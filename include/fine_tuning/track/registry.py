@@ -9,8 +9,10 @@ replayed later, and the step returns at once (a registration then comes back wit
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +168,39 @@ def apply_cost_estimate(config: PipelineConfig, payload: dict[str, Any]) -> dict
     run = get_or_create_run(config, payload["dag_id"], payload["run_id"], payload["experiment_name"])
     _log_batch(client, run.info.run_id, {}, payload["metrics"])
     return {"mlflow_run_id": run.info.run_id}
+
+
+def log_run_artifact(
+    config: PipelineConfig, dag_id: str, run_id: str, artifact_path: str, content: bytes, key: str
+) -> SubmitResult:
+    """Log a file (``content``, at ``artifact_path``) to the pipeline run's MLflow run, or queue
+    it in the outbox while MLflow is down. ``key`` names this version of the file: the same key
+    is logged once; queued versions of one path are replayed in order, so the last one stays.
+    """
+    return submit(
+        config,
+        "run_artifact",
+        key,
+        {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "experiment_name": config.mlflow.experiment_name,
+            "artifact_path": artifact_path,
+            "content_base64": base64.b64encode(content).decode("ascii"),
+        },
+    )
+
+
+def apply_run_artifact(config: PipelineConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    client = make_client(config)
+    run = get_or_create_run(config, payload["dag_id"], payload["run_id"], payload["experiment_name"])
+    folder, _, name = payload["artifact_path"].rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="mlflow-artifact-") as tmp:
+        local = Path(tmp) / name
+        local.write_bytes(base64.b64decode(payload["content_base64"]))
+        # Logging the same path again overwrites it: a replay run twice changes nothing.
+        client.log_artifact(run.info.run_id, str(local), folder or None)
+    return {"mlflow_run_id": run.info.run_id, "artifact_path": payload["artifact_path"]}
 
 
 def register_candidate(
