@@ -137,3 +137,15 @@ def test_guard_bench(tmp_path: Path) -> None:
     # A 30% error rate is rolled back by the guard when it watches, by the hourly check alone when not.
     assert (results["broken/guard"]["rolled_back"], results["broken/guard"]["by_guard"]) == (1, 1)
     assert (results["broken/hourly_only"]["rolled_back"], results["broken/hourly_only"]["by_guard"]) == (1, 0)
+
+
+def test_srm_bench(tmp_path: Path) -> None:
+    env = {**os.environ, "BENCH_SRM_TESTS": "20", "BENCH_SRM_MISMATCH_TESTS": "10", "BENCH_RESULTS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "srm_bench.py")], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "srm.json").read_text())
+    assert [s["always_valid"]["tests"] for s in result["sound_splits"]] == [20, 20]
+    assert all(s["always_valid"]["flagged"] == 0 for s in result["sound_splits"])  # 0.1% at most: none of 20
+    # A fifth of the candidate's posts lost is found at 600 posts/h within hours.
+    assert result["broken_splits"][1]["flagged"] >= 9 and result["broken_splits"][1]["median_hour_found"] <= 24

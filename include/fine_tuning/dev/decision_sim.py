@@ -37,6 +37,8 @@ class StreamDesign:
     pre_period_posts_per_persona: float = 40.0
     personas: int = PERSONAS
     persona_sigma: float = PERSONA_SIGMA
+    # The share the agent really sends to the candidate, when not the planned one (an SRM).
+    assigned_share: float | None = None
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Outcome:
     hours: float
     ever_significant: bool
     looks: list[dict[str, Any]] = field(default_factory=list)
+    srm_hour: int | None = None  # the first look that found a sample ratio mismatch
 
 
 def hourly_sums(rng: np.random.Generator, design: StreamDesign, true_lift: float) -> dict[str, np.ndarray]:
@@ -59,7 +62,8 @@ def hourly_sums(rng: np.random.Generator, design: StreamDesign, true_lift: float
 
     n_posts = rng.poisson(design.posts_per_hour * design.hours)
     hour = np.sort(rng.integers(0, design.hours, n_posts))
-    arm = (rng.random(n_posts) < design.candidate_share).astype(np.int64)
+    share = design.candidate_share if design.assigned_share is None else design.assigned_share
+    arm = (rng.random(n_posts) < share).astype(np.int64)
     persona = rng.integers(0, design.personas, n_posts)
     mean = np.clip(means[persona] * np.where(arm == 1, 1 + true_lift, 1.0), 1e-4, 0.9)
     y = rng.beta(mean * CONCENTRATION, (1 - mean) * CONCENTRATION)
@@ -131,6 +135,7 @@ def run_test(
     cumulative = {name: np.cumsum(values, axis=1) for name, values in sums.items()}
     state = analysis.LookState()
     ever = False
+    srm_hour: int | None = None
     looks: list[dict[str, Any]] = []
     for look in range(design.hours):
         finished = look == design.hours - 1
@@ -144,6 +149,8 @@ def run_test(
         if result.counted:
             ever |= result.p_value < criteria.alpha
             state = result.state
+        if not result.srm_ok and srm_hour is None:
+            srm_hour = look + 1
         if keep_looks:
             looks.append(
                 {
@@ -156,8 +163,8 @@ def run_test(
                 }
             )
         if result.decision != "continue" and (stop_at_decision or finished):
-            return Outcome(result.decision, look + 1, ever, looks)
-    return Outcome("reject", float(design.hours), ever, looks)
+            return Outcome(result.decision, look + 1, ever, looks, srm_hour)
+    return Outcome("reject", float(design.hours), ever, looks, srm_hour)
 
 
 def standard_error(share: float, tests: int) -> float:

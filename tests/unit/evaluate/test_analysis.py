@@ -230,6 +230,23 @@ def test_aa_with_hourly_looks_from_the_first_post_stays_under_alpha(variance_red
     assert share <= 0.05 + 2 * decision_sim.standard_error(0.05, tests)
 
 
+def test_a_split_that_loses_candidate_posts_is_rejected_for_srm_on_the_whole_path() -> None:
+    """10% planned, 8% served (a fifth of the candidate's posts lost), 60 posts/h, hourly looks:
+    the evaluation rejects the test as invalid within the week, at the look that found it."""
+    design = decision_sim.StreamDesign(assigned_share=0.08)
+    criteria = decision_sim.engagement_criteria(variance_reduction="off")
+    rng = np.random.default_rng(12)
+    outcomes = [decision_sim.run_test(decision_sim.hourly_sums(rng, design, 0.0), design, criteria) for _ in range(20)]
+    found = [o for o in outcomes if o.srm_hour is not None]
+    assert len(found) >= 18, [o.decision for o in outcomes]
+    assert all(o.decision == "reject" and o.hours == o.srm_hour for o in found)
+    # Splits as planned, the same design: no look of any of them finds a mismatch.
+    sound = decision_sim.StreamDesign()
+    assert not any(
+        decision_sim.run_test(decision_sim.hourly_sums(rng, sound, 0.0), sound, criteria).srm_hour for _ in range(20)
+    )
+
+
 def run_cli(payload: object, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fine_tuning", "analyze", *args],

@@ -65,13 +65,57 @@ def test_delta_method_lift_ci_agrees_with_a_bootstrap(arms) -> None:
     assert lift.ci_upper == pytest.approx(boot.confidence_interval.high, abs=0.02)
 
 
-def test_srm_detects_a_broken_split() -> None:
-    assert stats.srm_p_value(4500, 500, 0.1) > 0.5
-    p = stats.srm_p_value(4400, 620, 0.1)
-    assert p == pytest.approx(sps.chisquare([4400, 620], [5020 * 0.9, 5020 * 0.1]).pvalue)
-    assert p < 0.001
+def test_srm_is_the_beta_binomial_bayes_factor_and_detects_a_broken_split() -> None:
+    # The oracle: SciPy's own distributions, BF = BetaBinomial(x; n, k p, k (1 - p)) / Binomial(x; n, p).
+    k = stats.SRM_PRIOR_CONCENTRATION
+    for n_b, n_c, share in ((4500, 500, 0.1), (4400, 620, 0.1), (3900, 1100, 0.2), (40, 12, 0.2)):
+        n = n_b + n_c
+        bayes_factor = sps.betabinom.pmf(n_c, n, k * share, k * (1 - share)) / sps.binom.pmf(n_c, n, share)
+        assert stats.srm_p_value(n_b, n_c, share) == pytest.approx(min(1.0, 1 / bayes_factor), rel=1e-6)
+    assert stats.srm_p_value(4500, 500, 0.1) == 1.0  # the planned split exactly: no evidence at all
+    assert stats.srm_p_value(0, 0, 0.1) == 1.0
+    assert stats.srm_p_value(4400, 620, 0.1) < 0.001  # 12.4% of posts where 10% were planned
     result = analyze(stats.ArmSummary(4400, 0.068, 0.0009), stats.ArmSummary(620, 0.09, 0.0009), 0.1)
     assert result.decision == "reject" and not result.srm_ok
+    with pytest.raises(stats.AnalysisInputError, match="candidate_share"):
+        stats.srm_p_value(10, 10, 1.0)
+
+
+def hourly_arm_sizes(rng: np.random.Generator, tests: int, per_hour: int, share: float, hours: int = 168):
+    """Each test's cumulative (baseline, candidate) posts at every hourly look: a random split."""
+    candidate = rng.binomial(per_hour, share, size=(tests, hours)).cumsum(axis=1)
+    total = per_hour * np.arange(1, hours + 1)
+    return total - candidate, candidate
+
+
+@pytest.mark.parametrize(("per_hour", "share"), [(60, 0.1), (600, 0.2)])
+def test_srm_checked_at_every_hourly_look_of_a_week_flags_a_sound_split_at_most_srm_alpha(
+    per_hour: int, share: float
+) -> None:
+    """The chi-square it replaces, looked at 168 times, flagged 1.5-2% of sound splits (15-20x
+    srm_alpha): a good candidate rejected as invalid every year or so of weekly tests."""
+    tests, srm_alpha = 1000, 0.001
+    baseline, candidate = hourly_arm_sizes(np.random.default_rng(per_hour), tests, per_hour, share)
+    flagged = sum(
+        any(stats.srm_p_value(int(b), int(c), share) < srm_alpha for b, c in zip(bs, cs, strict=True))
+        for bs, cs in zip(baseline, candidate, strict=True)
+    )
+    total = baseline + candidate
+    chi_square = ((candidate - total * share) ** 2 / (total * share * (1 - share)))  # 1 df, both cells
+    old_flagged = int((sps.chi2.sf(chi_square, 1) < srm_alpha).any(axis=1).sum())
+    assert flagged / tests <= srm_alpha + 3 * math.sqrt(srm_alpha * (1 - srm_alpha) / tests), flagged
+    assert old_flagged / tests > 0.005, old_flagged  # the same looks, the old test: what was wrong
+
+
+def test_srm_finds_a_real_mismatch_within_the_week() -> None:
+    """A candidate arm that loses a fifth of its posts (10% planned, 8% served), at 60 posts/h."""
+    baseline, candidate = hourly_arm_sizes(np.random.default_rng(8), 300, 60, 0.08)
+    found = [
+        next((hour for hour, (b, c) in enumerate(zip(bs, cs, strict=True), 1) if stats.srm_p_value(int(b), int(c), 0.1) < 0.001), None)
+        for bs, cs in zip(baseline, candidate, strict=True)
+    ]
+    assert sum(hour is not None for hour in found) / len(found) >= 0.97
+    assert float(np.median([h for h in found if h is not None])) <= 96
 
 
 def ratio_sums(cost: np.ndarray, tokens: np.ndarray) -> stats.RatioSums:
