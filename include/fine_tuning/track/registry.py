@@ -175,7 +175,7 @@ def log_run_artifact(
 ) -> SubmitResult:
     """Log a file (``content``, at ``artifact_path``) to the pipeline run's MLflow run, or queue
     it in the outbox while MLflow is down. ``key`` names this version of the file: the same key
-    is logged once; queued versions of one path are replayed in order, so the last one stays.
+    is queued once; queued versions of one path are replayed in order, so the last one stays.
     """
     return submit(
         config,
