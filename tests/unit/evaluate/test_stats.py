@@ -68,7 +68,7 @@ def test_delta_method_lift_ci_agrees_with_a_bootstrap(arms) -> None:
 def test_srm_is_the_beta_binomial_bayes_factor_and_detects_a_broken_split() -> None:
     # The oracle: SciPy's own distributions, BF = BetaBinomial(x; n, k p, k (1 - p)) / Binomial(x; n, p).
     k = stats.SRM_PRIOR_CONCENTRATION
-    for n_b, n_c, share in ((4500, 500, 0.1), (4400, 620, 0.1), (3900, 1100, 0.2), (40, 12, 0.2)):
+    for n_b, n_c, share in ((4500, 500, 0.1), (4400, 620, 0.1), (3900, 1100, 0.2), (880, 120, 0.1), (40, 12, 0.2)):
         n = n_b + n_c
         bayes_factor = sps.betabinom.pmf(n_c, n, k * share, k * (1 - share)) / sps.binom.pmf(n_c, n, share)
         assert stats.srm_p_value(n_b, n_c, share) == pytest.approx(min(1.0, 1 / bayes_factor), rel=1e-6)
@@ -77,8 +77,13 @@ def test_srm_is_the_beta_binomial_bayes_factor_and_detects_a_broken_split() -> N
     assert stats.srm_p_value(4400, 620, 0.1) < 0.001  # 12.4% of posts where 10% were planned
     result = analyze(stats.ArmSummary(4400, 0.068, 0.0009), stats.ArmSummary(620, 0.09, 0.0009), 0.1)
     assert result.decision == "reject" and not result.srm_ok
-    with pytest.raises(stats.AnalysisInputError, match="candidate_share"):
-        stats.srm_p_value(10, 10, 1.0)
+    assert 0.37 < stats.srm_p_value(880, 120, 0.1) < 1  # weak evidence keeps its value (BF 2)
+    for share in (0.0, 1.0):
+        with pytest.raises(stats.AnalysisInputError, match="candidate_share"):
+            stats.srm_p_value(10, 10, share)
+    for sizes in ((-1, 10), (10, -1)):
+        with pytest.raises(stats.AnalysisInputError, match="arm sizes must not be negative, got -1|got 10 and -1"):
+            stats.srm_p_value(*sizes, 0.1)
 
 
 def hourly_arm_sizes(rng: np.random.Generator, tests: int, per_hour: int, share: float, hours: int = 168):
