@@ -24,7 +24,7 @@ from typing import Any
 
 import _harness
 import numpy as np
-from scipy.stats import chi2
+from scipy.stats import chisquare
 
 from fine_tuning.dev import decision_sim
 
@@ -34,12 +34,12 @@ DESIGNS = ((60.0, 0.1), (600.0, 0.2))
 def chi_square_flagged(sums: dict[str, np.ndarray], design: decision_sim.StreamDesign, until_hour: float,
                        srm_alpha: float, min_n: int) -> bool:
     n = np.cumsum(sums["eng_n"], axis=1)[:, : int(until_hour)]
-    baseline, candidate = n[0], n[1]
-    counted = (baseline >= min_n) & (candidate >= min_n)
-    total = baseline + candidate
+    observed = n[:, (n >= min_n).all(axis=0)]  # the looks that count, one column each
+    if observed.shape[1] == 0:
+        return False
     share = design.candidate_share
-    statistic = (candidate - total * share) ** 2 / np.maximum(total * share * (1 - share), 1e-12)
-    return bool((chi2.sf(statistic[counted], 1) < srm_alpha).any())
+    expected = observed.sum(axis=0) * np.array([[1 - share], [share]])
+    return bool((chisquare(observed, expected, axis=0).pvalue < srm_alpha).any())
 
 
 def share_row(label: str, flags: list[bool]) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def test_srm_is_the_beta_binomial_bayes_factor_and_detects_a_broken_split() -> N
         with pytest.raises(stats.AnalysisInputError, match="candidate_share"):
             stats.srm_p_value(10, 10, share)
     for sizes in ((-1, 10), (10, -1)):
-        with pytest.raises(stats.AnalysisInputError, match="arm sizes must not be negative, got -1|got 10 and -1"):
+        with pytest.raises(stats.AnalysisInputError, match=rf"arm sizes must not be negative, got {sizes[0]} and {sizes[1]}"):
             stats.srm_p_value(*sizes, 0.1)
 
 
@@ -106,8 +106,8 @@ def test_srm_checked_at_every_hourly_look_of_a_week_flags_a_sound_split_at_most_
         for bs, cs in zip(baseline, candidate, strict=True)
     )
     total = baseline + candidate
-    chi_square = ((candidate - total * share) ** 2 / (total * share * (1 - share)))  # 1 df, both cells
-    old_flagged = int((sps.chi2.sf(chi_square, 1) < srm_alpha).any(axis=1).sum())
+    chi_square = sps.chisquare(np.stack([baseline, candidate]), np.stack([total * (1 - share), total * share]), axis=0)
+    old_flagged = int((chi_square.pvalue < srm_alpha).any(axis=1).sum())
     assert flagged / tests <= srm_alpha + 3 * math.sqrt(srm_alpha * (1 - srm_alpha) / tests), flagged
     assert old_flagged / tests > 0.005, old_flagged  # the same looks, the old test: what was wrong
 
